@@ -1,0 +1,124 @@
+"""Checkpoints: an HF-format model directory plus the trainer state needed to resume exactly.
+
+Layout of one checkpoint directory:
+    config.json, generation_config.json, model.safetensors (+ index; HF tensor names),
+    tokenizer files                      -> opens with mlx_lm.load and transformers
+    trainer_state.json                   -> step, data position, seeds, anything JSON
+    optimizer.safetensors                -> optimizer state (AdamW moments, step)
+A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
+never leaves a half-written checkpoint under a real name. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import save_config, save_model
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+_DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+
+
+def _model_config(model: nn.Module) -> dict:
+    """The HF config to write: the loaded checkpoint's config.json, else the model's args."""
+    source = getattr(model, "hf_config", None)
+    config = dict(source) if source is not None else asdict(model.args)
+    floating = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype,
+                                                                                  mx.floating)]
+    if floating:
+        config["torch_dtype"] = _DTYPE_NAMES.get(floating[0], "float32")
+        config["dtype"] = config["torch_dtype"]
+    return config
+
+
+def save(model: nn.Module, tokenizer, path: str | Path, *, state: dict | None = None) -> Path:
+    """Write `model` (HF names), its config, `tokenizer` and `state` to directory `path`.
+
+    state: JSON-serialisable values, except an optional "optimizer" entry holding a tree of
+    arrays (e.g. `optimizer.state`), which goes to optimizer.safetensors.
+    Returns the final path. Replaces an existing checkpoint at `path` only once the new one is
+    complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+
+    save_model(staging, model)
+    config = _model_config(model)
+    save_config(dict(config), staging / "config.json")
+    tokenizer.save_pretrained(str(staging))
+    generation = {key: config[key] for key in ("eos_token_id", "bos_token_id", "pad_token_id")
+                  if config.get(key) is not None}
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+    state = dict(state or {})
+    optimizer_state = state.pop("optimizer", None)
+    if optimizer_state is not None:
+        flat = dict(tree_flatten(optimizer_state))
+        mx.save_safetensors(str(staging / OPTIMIZER_FILE), flat)
+    (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    for file in staging.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    if path.exists():
+        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(retired)
+        staging.rename(path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(path)
+    return path
+
+
+def load_state(path: str | Path) -> dict:
+    """The trainer state saved with a checkpoint; "optimizer" holds the array tree if saved."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.exists():
+        raise FileNotFoundError(f"checkpoint {path} has no {STATE_FILE}")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"checkpoint {state_file} is not valid JSON: {error}") from None
+    optimizer_file = path / OPTIMIZER_FILE
+    if optimizer_file.exists():
+        state["optimizer"] = tree_unflatten(list(mx.load(str(optimizer_file)).items()))
+    return state
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary directories are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune(root: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps all). Returns the deleted."""
+    found = list_checkpoints(root)
+    doomed = found[:-keep] if keep > 0 else []
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
