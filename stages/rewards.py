@@ -138,3 +138,28 @@ def combine(rewards: mx.array, weights: Sequence[float]) -> mx.array:
     """Weighted sum over functions, ignoring NaN (TRL's nansum). (N, F) -> (N,)."""
     weighted = rewards * mx.array(weights, dtype=mx.float32)[None, :]
     return mx.where(mx.isnan(weighted), 0.0, weighted).sum(axis=1)
+
+
+def reward_metrics(rewards: mx.array, names: Sequence[str], weights: Sequence[float],
+                   group_size: int) -> dict[str, float]:
+    """TRL's reward metrics for an (N, F) score matrix (NaN = None).
+
+    reward: mean of the weighted total; reward_std: mean over groups of the total's std;
+    rewards/<fn>/mean and /std: per function, ignoring None; frac_reward_zero_std: fraction of
+    groups whose completions all got the same total (no learning signal).
+    """
+    import numpy as np
+
+    matrix = np.array(rewards, dtype=np.float64)
+    total = np.array(combine(rewards, weights), dtype=np.float64)
+    group_std = total.reshape(-1, group_size).std(axis=1, ddof=1)
+    metrics = {
+        "reward": float(total.mean()),
+        "reward_std": float(group_std.mean()),
+        "frac_reward_zero_std": float(np.isclose(group_std, 0.0).mean()),
+    }
+    for i, name in enumerate(names):
+        column = matrix[:, i][~np.isnan(matrix[:, i])]
+        metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.size else math.nan
+        metrics[f"rewards/{name}/std"] = float(column.std(ddof=1)) if column.size > 1 else 0.0
+    return metrics

@@ -178,3 +178,20 @@ def generate_rollouts(model: nn.Module, tokenizer, prompts: list[list[int]],
         texts=texts,
         group_size=group,
     )
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """TRL's completion metrics: lengths in tokens, and the fraction cut at max_new_tokens."""
+    lengths = batch.completion_mask.sum(axis=1)
+    stopped = mx.array([reason == "stop" for reason in batch.finish_reasons])
+    n_stopped = stopped.sum().item()
+    metrics = {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": 1.0 - n_stopped / batch.num_rows,
+        "completions/mean_terminated_length": (
+            (lengths * stopped).sum().item() / n_stopped if n_stopped else 0.0
+        ),
+    }
+    return metrics

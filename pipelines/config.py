@@ -1,0 +1,214 @@
+"""The GRPO config: Hydra composes `conf/`, these dataclasses are its schema.
+
+`compose(overrides)` composes `conf/grpo.yaml` with Hydra's override grammar, merges it into the
+schema (unknown keys and wrong types fail there) and checks values. Every failure is a
+`ConfigError` whose message is one line naming the key, raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line that names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"
+    seed: int = 0
+    output_dir: str = "outputs/${run.name}"
+    resume: str | None = None  # null, "latest", or a checkpoint directory
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # HF-format directory or builtin:<name>
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/Metal
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # builtin:arithmetic, or a .jsonl/.json/.csv/.parquet/save_to_disk path
+    prompt_column: str = "prompt"
+    num_rows: int = 512  # built-in task only
+    use_chat_template: bool = False
+    system_prompt: str | None = None
+
+
+@dataclass
+class RewardFuncConfig:
+    weight: float = 1.0
+    _target_: str | None = None  # import path of a TRL-signature function; else the key is a built-in
+
+
+@dataclass
+class RewardConfig:
+    funcs: dict[str, RewardFuncConfig] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutSettings:
+    group_size: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    prompts_per_step: int = 8
+    learning_rate: float = 3e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 0
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    beta: float = 0.0
+    num_iterations: int = 1
+    scale_rewards: str = "group"
+    top_entropy_quantile: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 20
+    keep_last: int = 3
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "grpo"
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    log_completions_every: int = 10
+
+
+@dataclass
+class GRPOConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    experiment: Any = None
+
+
+_NOISE = ("object_type", "reference_type", "Config search path", "provider=")
+
+
+def _one_line(error: Exception) -> str:
+    """OmegaConf/Hydra errors span lines ("...\n    full_key: x"); fold them into one."""
+    text = str(error)
+    unknown = re.match(r"Could not override '([^']+)'\.\s*To append to your config", text)
+    if unknown:
+        return f"unknown key {unknown.group(1)} (check the spelling; every key is in conf/grpo.yaml)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(line for line in lines if not line.startswith(_NOISE))
+
+
+def _check(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"config {key}={value!r} is invalid: expected {expected}")
+
+
+def validate(cfg: GRPOConfig) -> GRPOConfig:
+    """Value checks the types cannot express. Raises ConfigError naming the key."""
+    from stages.grpo_update import LOSS_TYPES, SCALE_REWARDS, SCHEDULES
+    from stages.rewards import REGISTRY
+
+    t, r = cfg.train, cfg.rollout
+    _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
+    _check(t.prompts_per_step >= 1, "train.prompts_per_step", t.prompts_per_step, ">= 1")
+    _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")
+    _check(t.lr_schedule in SCHEDULES, "train.lr_schedule", t.lr_schedule, " | ".join(SCHEDULES))
+    _check(t.loss_type in LOSS_TYPES, "train.loss_type", t.loss_type, " | ".join(LOSS_TYPES))
+    _check(t.scale_rewards in SCALE_REWARDS, "train.scale_rewards", t.scale_rewards,
+           " | ".join(SCALE_REWARDS))
+    _check(0 <= t.epsilon_low < 1, "train.epsilon_low", t.epsilon_low, "in [0, 1)")
+    _check(t.epsilon_high >= 0, "train.epsilon_high", t.epsilon_high, ">= 0")
+    _check(t.beta >= 0, "train.beta", t.beta, ">= 0")
+    _check(t.num_iterations >= 1, "train.num_iterations", t.num_iterations, ">= 1")
+    _check(t.micro_batch_size >= 0, "train.micro_batch_size", t.micro_batch_size,
+           ">= 0 (0 = whole batch)")
+    _check(0 <= t.top_entropy_quantile <= 1, "train.top_entropy_quantile",
+           t.top_entropy_quantile, "in [0, 1]")
+    _check(r.group_size >= 2, "rollout.group_size", r.group_size,
+           ">= 2 (advantages compare completions within a group)")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1")
+    _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+    _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0 disables)")
+    _check(0 <= r.min_p < 1, "rollout.min_p", r.min_p, "in [0, 1)")
+    _check(cfg.checkpoint.every >= 1, "checkpoint.every", cfg.checkpoint.every, ">= 1")
+    _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+           cfg.model.dtype, "auto | float32 | bfloat16 | float16")
+    _check(bool(cfg.reward.funcs), "reward.funcs", {}, "at least one reward function")
+    for name, spec in cfg.reward.funcs.items():
+        _check(spec._target_ is not None or name in REGISTRY, f"reward.funcs.{name}", name,
+               f"a built-in ({', '.join(sorted(REGISTRY))}) or an entry with _target_")
+    return cfg
+
+
+def to_schema(composed: DictConfig) -> GRPOConfig:
+    """Merge a composed DictConfig into the schema and validate it."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(GRPOConfig), composed)
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config error: {_one_line(error)}") from None
+    return validate(cfg)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> GRPOConfig:
+    """Compose conf/grpo.yaml with Hydra overrides (e.g. "+experiment=quickstart")."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = hydra_compose(config_name="grpo", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"config error: {_one_line(error)}") from None
+    return to_schema(composed)
+
+
+def flatten(cfg: GRPOConfig) -> dict[str, str]:
+    """Dotted key -> value string of the resolved config (MLflow params)."""
+    flat: dict[str, str] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)
+
+    visit("", OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return flat
+
+
+def to_yaml(cfg: GRPOConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

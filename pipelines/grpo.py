@@ -1,0 +1,260 @@
+"""Train a causal LM with GRPO.
+
+    python -m pipelines.grpo +experiment=quickstart [key=value ...]
+    python -m pipelines.grpo --cfg [overrides ...]      # print the composed config and exit
+
+Compose the config (Hydra), check inputs, then one Prefect flow: load weights, and per step
+rollout -> rewards -> advantages -> GRPO update (entropy inside it), checkpoint every N steps.
+Every stage logs to one MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipelines.config import ConfigError, GRPOConfig, compose, flatten, to_schema, to_yaml
+
+# Prefect narrates every task run at INFO; the console shows our progress bar instead. Its
+# temporary server's telemetry would log an error on machines without internet.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from omegaconf import OmegaConf  # noqa: E402
+from prefect import flow  # noqa: E402
+
+from pipelines import tasks  # noqa: E402
+from pipelines.tracking import Tracker  # noqa: E402
+from stages import checkpoint, data, grpo_update, load_weights, rewards, rollout  # noqa: E402
+from stages.backend import blas  # noqa: E402
+
+
+class InputError(ValueError):
+    """Bad user input found before training starts (missing files, columns, rewards)."""
+
+
+def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
+    if not data_cfg.use_chat_template:
+        return tokenizer.encode(text)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("data.use_chat_template=true but the tokenizer has no chat template")
+    messages = [{"role": "system", "content": data_cfg.system_prompt}] \
+        if data_cfg.system_prompt else []
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def resolve_rewards(cfg: GRPOConfig) -> tuple[list, list[str], list[float]]:
+    funcs, names, weights = [], [], []
+    for name, spec in cfg.reward.funcs.items():
+        try:
+            _, fn = rewards.resolve(spec._target_ or name)
+        except ValueError as error:
+            raise InputError(f"reward.funcs.{name}: {error}") from None
+        funcs.append(fn)
+        names.append(name)
+        weights.append(spec.weight)
+    return funcs, names, weights
+
+
+def resume_point(cfg: GRPOConfig) -> Path | None:
+    """The checkpoint to resume from, per run.resume (null, "latest" or a path)."""
+    root = Path(cfg.run.output_dir) / "checkpoints"
+    if cfg.run.resume is None:
+        return None
+    if cfg.run.resume == "latest":
+        found = checkpoint.latest(root)
+        if found is None:
+            print(f"note: no checkpoint in {root} yet; starting from step 0", file=sys.stderr)
+        return found
+    path = Path(cfg.run.resume)
+    if not (path / checkpoint.STATE_FILE).exists():
+        raise InputError(f"run.resume={path} is not a checkpoint (no {checkpoint.STATE_FILE})")
+    return path
+
+
+def preflight(cfg: GRPOConfig) -> None:
+    """Check every input a user can get wrong, before the flow starts and loads anything."""
+    try:
+        resume_point(cfg)
+        if not cfg.model.path.startswith(load_weights.BUILTIN_PREFIX):
+            load_weights.check_model_dir(load_weights.resolve_path(cfg.model.path))
+        data.load_rows(cfg.data.source, prompt_column=cfg.data.prompt_column,
+                       num_rows=cfg.data.num_rows, seed=cfg.run.seed)
+    except (OSError, ValueError) as error:
+        raise InputError(str(error)) from None
+    resolve_rewards(cfg)
+
+
+def _plot_rewards(history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(steps, [h["reward"] for h in history])
+    axes[0].set(title="reward", xlabel="step")
+    axes[1].plot(steps, [h["loss"] for h in history])
+    axes[1].set(title="loss", xlabel="step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+@flow(name="grpo", log_prints=False, validate_parameters=False)
+def grpo_flow(config: dict) -> dict:
+    """The GRPO training flow. `config` is the resolved config as a plain dict."""
+    from tqdm import tqdm
+
+    cfg = to_schema(OmegaConf.create(config))
+    output_dir = Path(cfg.run.output_dir)
+    ckpt_root = output_dir / "checkpoints"
+    resume_from = resume_point(cfg)
+    state = checkpoint.load_state(resume_from) if resume_from else {}
+
+    tracker = Tracker(cfg.mlflow.experiment, cfg.run.name, cfg.mlflow.tracking_uri,
+                      run_id=state.get("mlflow_run_id"))
+    status = "FAILED"
+    try:
+        tracker.log_params(flatten(cfg))
+        tracker.set_tags({"blas": blas(), "output_dir": str(output_dir.resolve())})
+
+        model, tokenizer = tasks.load_weights_task(str(resume_from or cfg.model.path),
+                                                   cfg.model.dtype)
+        ref_model = None
+        if cfg.train.beta != 0.0:
+            ref_model, _ = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
+            ref_model.freeze()
+
+        funcs, names, weights = resolve_rewards(cfg)
+        rows = data.load_rows(cfg.data.source, prompt_column=cfg.data.prompt_column,
+                              num_rows=cfg.data.num_rows, seed=cfg.run.seed)
+        stream = data.PromptStream(rows, seed=cfg.run.seed,
+                                   position=state.get("data_position", 0))
+
+        t = cfg.train
+        optimizer = grpo_update.make_optimizer(
+            t.learning_rate, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+            total_steps=t.steps, weight_decay=t.weight_decay)
+        if "optimizer" in state:
+            optimizer.init(model.trainable_parameters())
+            optimizer.state = state["optimizer"]
+        update_cfg = grpo_update.UpdateConfig(
+            loss_type=t.loss_type, epsilon_low=t.epsilon_low, epsilon_high=t.epsilon_high,
+            beta=t.beta, temperature=cfg.rollout.temperature or 1.0,
+            num_iterations=t.num_iterations, micro_batch_size=t.micro_batch_size,
+            max_grad_norm=t.max_grad_norm, top_entropy_quantile=t.top_entropy_quantile,
+            max_completion_length=cfg.rollout.max_new_tokens)
+
+        start_step = state.get("step", 0)
+        history: list[dict] = state.get("history", [])
+        last_saved = start_step if resume_from else None
+        progress = tqdm(total=t.steps, initial=start_step, desc="grpo", unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+        for step in range(start_step, t.steps):
+            step_start = time.perf_counter()
+            batch_rows = stream.next_batch(t.prompts_per_step)
+            prompts = [encode_prompt(tokenizer, row["prompt"], cfg.data) for row in batch_rows]
+            rollout_cfg = rollout.RolloutConfig(seed=cfg.run.seed * 1_000_003 + step,
+                                                **asdict(cfg.rollout))
+            batch = tasks.rollout_task(model, tokenizer, prompts, rollout_cfg, tracker, step)
+            batch.with_columns(batch_rows)
+            scores = tasks.rewards_task(batch, funcs, names, weights, tracker, step)
+            advantages = tasks.advantages_task(scores, weights, batch.group_size,
+                                               t.scale_rewards)
+            metrics = tasks.update_task(model, optimizer, batch, advantages, update_cfg,
+                                        ref_model, tracker, step)
+
+            reward = rewards.combine(scores, weights)
+            seconds = time.perf_counter() - step_start
+            tokens = sum(map(len, batch.prompt_ids)) + batch.completion_mask.sum().item()
+            tracker.log_metrics({"tokens/s": tokens / seconds, "step_seconds": seconds}, step)
+            history.append({"step": step, "reward": reward.mean().item(), "loss": metrics["loss"]})
+            if cfg.mlflow.log_completions_every and step % cfg.mlflow.log_completions_every == 0:
+                tracker.log_table({
+                    "step": [step] * batch.num_rows, "prompt": batch.prompt_texts,
+                    "completion": batch.texts, "reward": reward.tolist(),
+                    "advantage": advantages.tolist(), "finish_reason": batch.finish_reasons,
+                }, f"completions/step_{step:06d}.json")
+            progress.set_postfix(reward=f"{history[-1]['reward']:.3f}",
+                                 loss=f"{metrics['loss']:.4f}", refresh=False)
+            progress.update(1)
+
+            done = step + 1
+            if done % cfg.checkpoint.every == 0 or done == t.steps:
+                tasks.checkpoint_task(model, tokenizer, str(ckpt_root), done, {
+                    "step": done, "data_position": stream.position, "seed": cfg.run.seed,
+                    "mlflow_run_id": tracker.run_id, "history": history,
+                    "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                    "optimizer": optimizer.state,
+                }, cfg.checkpoint.keep_last)
+                last_saved = done
+        progress.close()
+
+        final = checkpoint.latest(ckpt_root)
+        summary = {
+            "steps": t.steps, "final_reward": history[-1]["reward"] if history else None,
+            "checkpoint": str(final) if final else None, "mlflow_run_id": tracker.run_id,
+            "tracking_uri": tracker.uri, "last_saved_step": last_saved,
+        }
+        if history:
+            first = history[: min(10, len(history))]
+            last = history[-min(10, len(history)):]
+            summary["reward_first10"] = sum(h["reward"] for h in first) / len(first)
+            summary["reward_last10"] = sum(h["reward"] for h in last) / len(last)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            tracker.log_artifact(_plot_rewards(history, output_dir / "curves.png"), "plots")
+        if final is not None:
+            tracker.log_artifacts(final, "checkpoint")
+        tracker.set_tags({f"summary.{k}": v for k, v in summary.items() if v is not None})
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    show_config = "--cfg" in args
+    overrides = [a for a in args if a != "--cfg"]
+    try:
+        cfg = compose(overrides)
+        if show_config:
+            print(to_yaml(cfg))
+            return 0
+        preflight(cfg)
+    except (ConfigError, InputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        summary = grpo_flow(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    except KeyboardInterrupt:
+        print("\ninterrupted; resume with: python -m pipelines.grpo "
+              f"{' '.join(overrides)} run.resume=latest", file=sys.stderr)
+        return 130
+    except rewards.RewardError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    first, last = summary.get("reward_first10"), summary.get("reward_last10")
+    if first is not None:
+        print(f"done: {summary['steps']} steps, mean reward first 10 steps {first:.3f} -> "
+              f"last 10 steps {last:.3f}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"mlflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
