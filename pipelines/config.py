@@ -8,7 +8,6 @@ schema (unknown keys and wrong types fail there) and checks values. Every failur
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,8 @@ class DataConfig:
 @dataclass
 class RewardFuncConfig:
     weight: float = 1.0
-    _target_: str | None = None  # import path of a TRL-signature function; else the key is a built-in
+    # Import path of a TRL-signature reward function; null: the key names a built-in.
+    _target_: str | None = None
 
 
 @dataclass
@@ -120,7 +120,8 @@ def _one_line(error: Exception) -> str:
     text = str(error)
     unknown = re.match(r"Could not override '([^']+)'\.\s*To append to your config", text)
     if unknown:
-        return f"unknown key {unknown.group(1)} (check the spelling; every key is in conf/grpo.yaml)"
+        key = unknown.group(1)
+        return f"unknown key {key} (check the spelling; every key is in conf/grpo.yaml)"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return "; ".join(line for line in lines if not line.startswith(_NOISE))
 
@@ -141,30 +142,54 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "> 0")
     _check(t.lr_schedule in SCHEDULES, "train.lr_schedule", t.lr_schedule, " | ".join(SCHEDULES))
     _check(t.loss_type in LOSS_TYPES, "train.loss_type", t.loss_type, " | ".join(LOSS_TYPES))
-    _check(t.scale_rewards in SCALE_REWARDS, "train.scale_rewards", t.scale_rewards,
-           " | ".join(SCALE_REWARDS))
+    _check(
+        t.scale_rewards in SCALE_REWARDS,
+        "train.scale_rewards",
+        t.scale_rewards,
+        " | ".join(SCALE_REWARDS),
+    )
     _check(0 <= t.epsilon_low < 1, "train.epsilon_low", t.epsilon_low, "in [0, 1)")
     _check(t.epsilon_high >= 0, "train.epsilon_high", t.epsilon_high, ">= 0")
     _check(t.beta >= 0, "train.beta", t.beta, ">= 0")
     _check(t.num_iterations >= 1, "train.num_iterations", t.num_iterations, ">= 1")
-    _check(t.micro_batch_size >= 0, "train.micro_batch_size", t.micro_batch_size,
-           ">= 0 (0 = whole batch)")
-    _check(0 <= t.top_entropy_quantile <= 1, "train.top_entropy_quantile",
-           t.top_entropy_quantile, "in [0, 1]")
-    _check(r.group_size >= 2, "rollout.group_size", r.group_size,
-           ">= 2 (advantages compare completions within a group)")
+    _check(
+        t.micro_batch_size >= 0,
+        "train.micro_batch_size",
+        t.micro_batch_size,
+        ">= 0 (0 = whole batch)",
+    )
+    _check(
+        0 <= t.top_entropy_quantile <= 1,
+        "train.top_entropy_quantile",
+        t.top_entropy_quantile,
+        "in [0, 1]",
+    )
+    _check(
+        r.group_size >= 2,
+        "rollout.group_size",
+        r.group_size,
+        ">= 2 (advantages compare completions within a group)",
+    )
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1")
     _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0 disables)")
     _check(0 <= r.min_p < 1, "rollout.min_p", r.min_p, "in [0, 1)")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", cfg.checkpoint.every, ">= 1")
-    _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
-           cfg.model.dtype, "auto | float32 | bfloat16 | float16")
+    _check(
+        cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+        "model.dtype",
+        cfg.model.dtype,
+        "auto | float32 | bfloat16 | float16",
+    )
     _check(bool(cfg.reward.funcs), "reward.funcs", {}, "at least one reward function")
     for name, spec in cfg.reward.funcs.items():
-        _check(spec._target_ is not None or name in REGISTRY, f"reward.funcs.{name}", name,
-               f"a built-in ({', '.join(sorted(REGISTRY))}) or an entry with _target_")
+        _check(
+            spec._target_ is not None or name in REGISTRY,
+            f"reward.funcs.{name}",
+            name,
+            f"a built-in ({', '.join(sorted(REGISTRY))}) or an entry with _target_",
+        )
     return cfg
 
 

@@ -41,8 +41,9 @@ def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
         return tokenizer.encode(text)
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("data.use_chat_template=true but the tokenizer has no chat template")
-    messages = [{"role": "system", "content": data_cfg.system_prompt}] \
-        if data_cfg.system_prompt else []
+    messages = (
+        [{"role": "system", "content": data_cfg.system_prompt}] if data_cfg.system_prompt else []
+    )
     messages.append({"role": "user", "content": text})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
 
@@ -82,8 +83,12 @@ def preflight(cfg: GRPOConfig) -> None:
         resume_point(cfg)
         if not cfg.model.path.startswith(load_weights.BUILTIN_PREFIX):
             load_weights.check_model_dir(load_weights.resolve_path(cfg.model.path))
-        data.load_rows(cfg.data.source, prompt_column=cfg.data.prompt_column,
-                       num_rows=cfg.data.num_rows, seed=cfg.run.seed)
+        data.load_rows(
+            cfg.data.source,
+            prompt_column=cfg.data.prompt_column,
+            num_rows=cfg.data.num_rows,
+            seed=cfg.run.seed,
+        )
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from None
     resolve_rewards(cfg)
@@ -118,58 +123,83 @@ def grpo_flow(config: dict) -> dict:
     resume_from = resume_point(cfg)
     state = checkpoint.load_state(resume_from) if resume_from else {}
 
-    tracker = Tracker(cfg.mlflow.experiment, cfg.run.name, cfg.mlflow.tracking_uri,
-                      run_id=state.get("mlflow_run_id"))
+    tracker = Tracker(
+        cfg.mlflow.experiment,
+        cfg.run.name,
+        cfg.mlflow.tracking_uri,
+        run_id=state.get("mlflow_run_id"),
+    )
     status = "FAILED"
     try:
         tracker.log_params(flatten(cfg))
         tracker.set_tags({"blas": blas(), "output_dir": str(output_dir.resolve())})
 
-        model, tokenizer = tasks.load_weights_task(str(resume_from or cfg.model.path),
-                                                   cfg.model.dtype)
+        model, tokenizer = tasks.load_weights_task(
+            str(resume_from or cfg.model.path), cfg.model.dtype
+        )
         ref_model = None
         if cfg.train.beta != 0.0:
             ref_model, _ = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
             ref_model.freeze()
 
         funcs, names, weights = resolve_rewards(cfg)
-        rows = data.load_rows(cfg.data.source, prompt_column=cfg.data.prompt_column,
-                              num_rows=cfg.data.num_rows, seed=cfg.run.seed)
-        stream = data.PromptStream(rows, seed=cfg.run.seed,
-                                   position=state.get("data_position", 0))
+        rows = data.load_rows(
+            cfg.data.source,
+            prompt_column=cfg.data.prompt_column,
+            num_rows=cfg.data.num_rows,
+            seed=cfg.run.seed,
+        )
+        stream = data.PromptStream(rows, seed=cfg.run.seed, position=state.get("data_position", 0))
 
         t = cfg.train
         optimizer = grpo_update.make_optimizer(
-            t.learning_rate, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-            total_steps=t.steps, weight_decay=t.weight_decay)
+            t.learning_rate,
+            schedule=t.lr_schedule,
+            warmup_steps=t.warmup_steps,
+            total_steps=t.steps,
+            weight_decay=t.weight_decay,
+        )
         if "optimizer" in state:
             optimizer.init(model.trainable_parameters())
             optimizer.state = state["optimizer"]
         update_cfg = grpo_update.UpdateConfig(
-            loss_type=t.loss_type, epsilon_low=t.epsilon_low, epsilon_high=t.epsilon_high,
-            beta=t.beta, temperature=cfg.rollout.temperature or 1.0,
-            num_iterations=t.num_iterations, micro_batch_size=t.micro_batch_size,
-            max_grad_norm=t.max_grad_norm, top_entropy_quantile=t.top_entropy_quantile,
-            max_completion_length=cfg.rollout.max_new_tokens)
+            loss_type=t.loss_type,
+            epsilon_low=t.epsilon_low,
+            epsilon_high=t.epsilon_high,
+            beta=t.beta,
+            temperature=cfg.rollout.temperature or 1.0,
+            num_iterations=t.num_iterations,
+            micro_batch_size=t.micro_batch_size,
+            max_grad_norm=t.max_grad_norm,
+            top_entropy_quantile=t.top_entropy_quantile,
+            max_completion_length=cfg.rollout.max_new_tokens,
+        )
 
         start_step = state.get("step", 0)
         history: list[dict] = state.get("history", [])
         last_saved = start_step if resume_from else None
-        progress = tqdm(total=t.steps, initial=start_step, desc="grpo", unit="step",
-                        dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(
+            total=t.steps,
+            initial=start_step,
+            desc="grpo",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         for step in range(start_step, t.steps):
             step_start = time.perf_counter()
             batch_rows = stream.next_batch(t.prompts_per_step)
             prompts = [encode_prompt(tokenizer, row["prompt"], cfg.data) for row in batch_rows]
-            rollout_cfg = rollout.RolloutConfig(seed=cfg.run.seed * 1_000_003 + step,
-                                                **asdict(cfg.rollout))
+            rollout_cfg = rollout.RolloutConfig(
+                seed=cfg.run.seed * 1_000_003 + step, **asdict(cfg.rollout)
+            )
             batch = tasks.rollout_task(model, tokenizer, prompts, rollout_cfg, tracker, step)
             batch.with_columns(batch_rows)
             scores = tasks.rewards_task(batch, funcs, names, weights, tracker, step)
-            advantages = tasks.advantages_task(scores, weights, batch.group_size,
-                                               t.scale_rewards)
-            metrics = tasks.update_task(model, optimizer, batch, advantages, update_cfg,
-                                        ref_model, tracker, step)
+            advantages = tasks.advantages_task(scores, weights, batch.group_size, t.scale_rewards)
+            metrics = tasks.update_task(
+                model, optimizer, batch, advantages, update_cfg, ref_model, tracker, step
+            )
 
             reward = rewards.combine(scores, weights)
             seconds = time.perf_counter() - step_start
@@ -177,35 +207,55 @@ def grpo_flow(config: dict) -> dict:
             tracker.log_metrics({"tokens/s": tokens / seconds, "step_seconds": seconds}, step)
             history.append({"step": step, "reward": reward.mean().item(), "loss": metrics["loss"]})
             if cfg.mlflow.log_completions_every and step % cfg.mlflow.log_completions_every == 0:
-                tracker.log_table({
-                    "step": [step] * batch.num_rows, "prompt": batch.prompt_texts,
-                    "completion": batch.texts, "reward": reward.tolist(),
-                    "advantage": advantages.tolist(), "finish_reason": batch.finish_reasons,
-                }, f"completions/step_{step:06d}.json")
-            progress.set_postfix(reward=f"{history[-1]['reward']:.3f}",
-                                 loss=f"{metrics['loss']:.4f}", refresh=False)
+                tracker.log_table(
+                    {
+                        "step": [step] * batch.num_rows,
+                        "prompt": batch.prompt_texts,
+                        "completion": batch.texts,
+                        "reward": reward.tolist(),
+                        "advantage": advantages.tolist(),
+                        "finish_reason": batch.finish_reasons,
+                    },
+                    f"completions/step_{step:06d}.json",
+                )
+            progress.set_postfix(
+                reward=f"{history[-1]['reward']:.3f}", loss=f"{metrics['loss']:.4f}", refresh=False
+            )
             progress.update(1)
 
             done = step + 1
             if done % cfg.checkpoint.every == 0 or done == t.steps:
-                tasks.checkpoint_task(model, tokenizer, str(ckpt_root), done, {
-                    "step": done, "data_position": stream.position, "seed": cfg.run.seed,
-                    "mlflow_run_id": tracker.run_id, "history": history,
-                    "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                    "optimizer": optimizer.state,
-                }, cfg.checkpoint.keep_last)
+                tasks.checkpoint_task(
+                    model,
+                    tokenizer,
+                    str(ckpt_root),
+                    done,
+                    {
+                        "step": done,
+                        "data_position": stream.position,
+                        "seed": cfg.run.seed,
+                        "mlflow_run_id": tracker.run_id,
+                        "history": history,
+                        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                        "optimizer": optimizer.state,
+                    },
+                    cfg.checkpoint.keep_last,
+                )
                 last_saved = done
         progress.close()
 
         final = checkpoint.latest(ckpt_root)
         summary = {
-            "steps": t.steps, "final_reward": history[-1]["reward"] if history else None,
-            "checkpoint": str(final) if final else None, "mlflow_run_id": tracker.run_id,
-            "tracking_uri": tracker.uri, "last_saved_step": last_saved,
+            "steps": t.steps,
+            "final_reward": history[-1]["reward"] if history else None,
+            "checkpoint": str(final) if final else None,
+            "mlflow_run_id": tracker.run_id,
+            "tracking_uri": tracker.uri,
+            "last_saved_step": last_saved,
         }
         if history:
             first = history[: min(10, len(history))]
-            last = history[-min(10, len(history)):]
+            last = history[-min(10, len(history)) :]
             summary["reward_first10"] = sum(h["reward"] for h in first) / len(first)
             summary["reward_last10"] = sum(h["reward"] for h in last) / len(last)
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -241,16 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = grpo_flow(OmegaConf.to_container(OmegaConf.structured(cfg)))
     except KeyboardInterrupt:
-        print("\ninterrupted; resume with: python -m pipelines.grpo "
-              f"{' '.join(overrides)} run.resume=latest", file=sys.stderr)
+        print(
+            "\ninterrupted; resume with: python -m pipelines.grpo "
+            f"{' '.join(overrides)} run.resume=latest",
+            file=sys.stderr,
+        )
         return 130
     except rewards.RewardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     first, last = summary.get("reward_first10"), summary.get("reward_last10")
     if first is not None:
-        print(f"done: {summary['steps']} steps, mean reward first 10 steps {first:.3f} -> "
-              f"last 10 steps {last:.3f}")
+        print(
+            f"done: {summary['steps']} steps, mean reward first 10 steps {first:.3f} -> "
+            f"last 10 steps {last:.3f}"
+        )
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"mlflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
     return 0

@@ -26,8 +26,14 @@ def load_weights_task(path: str, dtype: str):
 
 
 @task(name="rollout", **_TASK)
-def rollout_task(model, tokenizer, prompts: list[list[int]], cfg: rollout.RolloutConfig,
-                 tracker: Tracker, step: int) -> rollout.RolloutBatch:
+def rollout_task(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    cfg: rollout.RolloutConfig,
+    tracker: Tracker,
+    step: int,
+) -> rollout.RolloutBatch:
     start = time.perf_counter()
     batch = rollout.generate_rollouts(model, tokenizer, prompts, cfg)
     seconds = time.perf_counter() - start
@@ -39,23 +45,37 @@ def rollout_task(model, tokenizer, prompts: list[list[int]], cfg: rollout.Rollou
 
 
 @task(name="rewards", **_TASK)
-def rewards_task(batch: rollout.RolloutBatch, funcs: list, names: list[str],
-                 weights: list[float], tracker: Tracker, step: int) -> mx.array:
+def rewards_task(
+    batch: rollout.RolloutBatch,
+    funcs: list,
+    names: list[str],
+    weights: list[float],
+    tracker: Tracker,
+    step: int,
+) -> mx.array:
     scores = rewards.score(batch, funcs, weights)
     tracker.log_metrics(rewards.reward_metrics(scores, names, weights, batch.group_size), step)
     return scores
 
 
 @task(name="advantages", **_TASK)
-def advantages_task(scores: mx.array, weights: list[float], group_size: int,
-                    scale: str) -> mx.array:
+def advantages_task(
+    scores: mx.array, weights: list[float], group_size: int, scale: str
+) -> mx.array:
     return grpo_update.compute_advantages(rewards.combine(scores, weights), group_size, scale)
 
 
 @task(name="grpo_update", **_TASK)
-def update_task(model, optimizer, batch: rollout.RolloutBatch, advantages: mx.array,
-                cfg: grpo_update.UpdateConfig, ref_model, tracker: Tracker,
-                step: int) -> dict[str, float]:
+def update_task(
+    model,
+    optimizer,
+    batch: rollout.RolloutBatch,
+    advantages: mx.array,
+    cfg: grpo_update.UpdateConfig,
+    ref_model,
+    tracker: Tracker,
+    step: int,
+) -> dict[str, float]:
     start = time.perf_counter()
     metrics = grpo_update.update_step(model, optimizer, batch, advantages, cfg, ref_model)
     seconds = time.perf_counter() - start

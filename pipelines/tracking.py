@@ -23,24 +23,32 @@ def _quiet() -> None:
 
 
 def resolve_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return (
+        configured
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or (f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     )
 
 
 class Tracker:
     """One MLflow run. `run_id` resumes an existing run (after a checkpoint resume)."""
 
-    def __init__(self, experiment: str, run_name: str, tracking_uri: str | None = None,
-                 run_id: str | None = None):
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+    ):
         _quiet()
         from mlflow import MlflowClient
 
         self.uri = resolve_uri(tracking_uri)
         self.client = MlflowClient(self.uri)
         existing = self.client.get_experiment_by_name(experiment)
-        experiment_id = existing.experiment_id if existing else \
-            self.client.create_experiment(experiment)
+        experiment_id = (
+            existing.experiment_id if existing else self.client.create_experiment(experiment)
+        )
         if run_id is not None and self._exists(run_id):
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

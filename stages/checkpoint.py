@@ -31,8 +31,9 @@ def _model_config(model: nn.Module) -> dict:
     """The HF config to write: the loaded checkpoint's config.json, else the model's args."""
     source = getattr(model, "hf_config", None)
     config = dict(source) if source is not None else asdict(model.args)
-    floating = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype,
-                                                                                  mx.floating)]
+    floating = [
+        v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)
+    ]
     if floating:
         config["torch_dtype"] = _DTYPE_NAMES.get(floating[0], "float32")
         config["dtype"] = config["torch_dtype"]
@@ -57,8 +58,11 @@ def save(model: nn.Module, tokenizer, path: str | Path, *, state: dict | None = 
     config = _model_config(model)
     save_config(dict(config), staging / "config.json")
     tokenizer.save_pretrained(str(staging))
-    generation = {key: config[key] for key in ("eos_token_id", "bos_token_id", "pad_token_id")
-                  if config.get(key) is not None}
+    generation = {
+        key: config[key]
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id")
+        if config.get(key) is not None
+    }
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
     state = dict(state or {})

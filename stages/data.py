@@ -26,8 +26,14 @@ def arithmetic_rows(n: int, seed: int = 0, max_operand: int = 4) -> list[dict]:
     return [{"prompt": f"{x}+{y}=", "answer": str(x + y)} for x, y in zip(a.tolist(), b.tolist())]
 
 
-def load_rows(source: str, *, prompt_column: str = "prompt", num_rows: int = 512, seed: int = 0,
-              split: str = "train") -> list[dict]:
+def load_rows(
+    source: str,
+    *,
+    prompt_column: str = "prompt",
+    num_rows: int = 512,
+    seed: int = 0,
+    split: str = "train",
+) -> list[dict]:
     """Rows from `source`: `builtin:arithmetic`, or a local JSONL/JSON/CSV/Parquet file or a
     `save_to_disk` directory, read with `datasets`. The `prompt_column` is renamed to `prompt`.
     """
@@ -41,7 +47,13 @@ def load_rows(source: str, *, prompt_column: str = "prompt", num_rows: int = 512
                 f"{sorted(rows[0])}; set data.prompt_column to one of them"
             )
         if prompt_column != "prompt":
-            rows = [{**row, "prompt": row.pop(prompt_column)} for row in rows]
+            rows = [
+                {
+                    "prompt": row[prompt_column],
+                    **{k: v for k, v in row.items() if k != prompt_column},
+                }
+                for row in rows
+            ]
     if not rows:
         raise ValueError(f"dataset {source} has no rows")
     return rows
@@ -63,8 +75,10 @@ def _load_with_datasets(source: str, split: str) -> list[dict]:
             path.suffix
         )
         if builder is None:
-            raise ValueError(f"dataset {path}: unsupported file type {path.suffix!r} "
-                             "(use .jsonl, .json, .csv, .parquet or a save_to_disk directory)")
+            raise ValueError(
+                f"dataset {path}: unsupported file type {path.suffix!r} "
+                "(use .jsonl, .json, .csv, .parquet or a save_to_disk directory)"
+            )
         loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
     return loaded.to_list()
 
@@ -85,9 +99,11 @@ class PromptStream:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
 
     def next_batch(self, n: int) -> list[dict]:
-        batch = []
+        batch, orders = [], {}
         for _ in range(n):
             epoch, index = divmod(self.position, len(self.rows))
-            batch.append(self.rows[int(self._order(epoch)[index])])
+            if epoch not in orders:
+                orders[epoch] = self._order(epoch)
+            batch.append(self.rows[int(orders[epoch][index])])
             self.position += 1
         return batch

@@ -41,12 +41,23 @@ def compute_advantages(rewards: mx.array, group_size: int, scale: str) -> mx.arr
     return advantages.reshape(-1)
 
 
-def grpo_loss(logprobs: mx.array, old_logprobs: mx.array, advantages: mx.array, mask: mx.array,
-              *, loss_type: str, epsilon_low: float, epsilon_high: float,
-              importance_sampling_level: str = "token", beta: float = 0.0,
-              ref_logprobs: mx.array | None = None, delta: float | None = None,
-              max_completion_length: int | None = None, num_items_in_batch: float | None = None,
-              entropy_mask: mx.array | None = None) -> tuple[mx.array, dict]:
+def grpo_loss(
+    logprobs: mx.array,
+    old_logprobs: mx.array,
+    advantages: mx.array,
+    mask: mx.array,
+    *,
+    loss_type: str,
+    epsilon_low: float,
+    epsilon_high: float,
+    importance_sampling_level: str = "token",
+    beta: float = 0.0,
+    ref_logprobs: mx.array | None = None,
+    delta: float | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+    entropy_mask: mx.array | None = None,
+) -> tuple[mx.array, dict]:
     """TRL's GRPO loss. logprobs/old/ref/mask/entropy_mask: (B, T) float32; advantages: (B,).
 
     Returns (scalar loss, metrics) with metrics "kl" (when beta > 0) and the clip ratios
@@ -146,8 +157,9 @@ def pack(batch) -> PackedBatch:
         tokens[row, len(prompt) : len(prompt) + n] = completion_ids[row, :n]
     gather = prompt_lengths[:, None] - 1 + np.arange(n_steps)[None, :]
     gather = np.minimum(gather, width - 1).astype(np.int32)
-    return PackedBatch(mx.array(tokens), mx.array(gather), batch.completion_ids,
-                       batch.completion_mask)
+    return PackedBatch(
+        mx.array(tokens), mx.array(gather), batch.completion_ids, batch.completion_mask
+    )
 
 
 def _hidden_and_head(model: nn.Module):
@@ -182,9 +194,16 @@ def token_logprobs(logits: mx.array, token_ids: mx.array) -> mx.array:
     return mx.take_along_axis(logprobs, token_ids[..., None], axis=-1)[..., 0]
 
 
-def make_optimizer(learning_rate: float, *, schedule: str = "constant", warmup_steps: int = 0,
-                   total_steps: int = 1, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> optim.AdamW:
+def make_optimizer(
+    learning_rate: float,
+    *,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int = 1,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> optim.AdamW:
     """AdamW with linear warmup then a constant, linear-decay or cosine schedule."""
     if schedule not in SCHEDULES:
         raise ValueError(f"lr schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
@@ -204,8 +223,16 @@ def make_optimizer(learning_rate: float, *, schedule: str = "constant", warmup_s
     return optim.AdamW(learning_rate=lr, betas=list(betas), eps=eps, weight_decay=weight_decay)
 
 
-def _loss_fn(model, packed: PackedBatch, old_logprobs, advantages, ref_logprobs, cfg: UpdateConfig,
-             num_items_in_batch, scale):
+def _loss_fn(
+    model,
+    packed: PackedBatch,
+    old_logprobs,
+    advantages,
+    ref_logprobs,
+    cfg: UpdateConfig,
+    num_items_in_batch,
+    scale,
+):
     logits = completion_logits(model, packed, cfg.temperature)
     logprobs = token_logprobs(logits, packed.completion_ids)
     mask = packed.completion_mask
@@ -215,10 +242,19 @@ def _loss_fn(model, packed: PackedBatch, old_logprobs, advantages, ref_logprobs,
         entropy_mask = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile)
     old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
     loss, metrics = grpo_loss(
-        logprobs, old, advantages, mask, loss_type=cfg.loss_type, epsilon_low=cfg.epsilon_low,
-        epsilon_high=cfg.epsilon_high, importance_sampling_level=cfg.importance_sampling_level,
-        beta=cfg.beta, ref_logprobs=ref_logprobs, delta=cfg.delta,
-        max_completion_length=cfg.max_completion_length, num_items_in_batch=num_items_in_batch,
+        logprobs,
+        old,
+        advantages,
+        mask,
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.epsilon_high,
+        importance_sampling_level=cfg.importance_sampling_level,
+        beta=cfg.beta,
+        ref_logprobs=ref_logprobs,
+        delta=cfg.delta,
+        max_completion_length=cfg.max_completion_length,
+        num_items_in_batch=num_items_in_batch,
         entropy_mask=entropy_mask,
     )
     metrics["entropy"] = (entropies * mask).sum() / mx.maximum(mask.sum(), 1.0)
@@ -226,12 +262,22 @@ def _loss_fn(model, packed: PackedBatch, old_logprobs, advantages, ref_logprobs,
 
 
 def _rows(packed: PackedBatch, rows: slice) -> PackedBatch:
-    return PackedBatch(packed.tokens[rows], packed.gather_index[rows],
-                       packed.completion_ids[rows], packed.completion_mask[rows])
+    return PackedBatch(
+        packed.tokens[rows],
+        packed.gather_index[rows],
+        packed.completion_ids[rows],
+        packed.completion_mask[rows],
+    )
 
 
-def update_step(model: nn.Module, optimizer: optim.Optimizer, batch, advantages: mx.array,
-                cfg: UpdateConfig, ref_model: nn.Module | None = None) -> dict[str, float]:
+def update_step(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    batch,
+    advantages: mx.array,
+    cfg: UpdateConfig,
+    ref_model: nn.Module | None = None,
+) -> dict[str, float]:
     """`cfg.num_iterations` optimizer steps on one RolloutBatch. Returns metrics (floats).
 
     Gradients are accumulated over micro-batches of `cfg.micro_batch_size` rows, each loss
@@ -245,12 +291,17 @@ def update_step(model: nn.Module, optimizer: optim.Optimizer, batch, advantages:
     num_items = packed.completion_mask.sum()
 
     def no_grad_logprobs(net):
-        return mx.concatenate([
-            mx.stop_gradient(token_logprobs(completion_logits(net, _rows(packed, c),
-                                                              cfg.temperature),
-                                            packed.completion_ids[c]))
-            for c in chunks
-        ])
+        return mx.concatenate(
+            [
+                mx.stop_gradient(
+                    token_logprobs(
+                        completion_logits(net, _rows(packed, c), cfg.temperature),
+                        packed.completion_ids[c],
+                    )
+                )
+                for c in chunks
+            ]
+        )
 
     # With mu > 1 the ratio is against the policy that generated the batch, held fixed.
     old_logprobs = no_grad_logprobs(model) if cfg.num_iterations > 1 else None
@@ -263,9 +314,14 @@ def update_step(model: nn.Module, optimizer: optim.Optimizer, batch, advantages:
         for rows in chunks:
             scale = 1.0 if cfg.loss_type == "dapo" else (rows.stop - rows.start) / n_rows
             (loss, metrics), chunk_grads = loss_and_grad(
-                model, _rows(packed, rows),
-                None if old_logprobs is None else old_logprobs[rows], advantages[rows],
-                None if ref_logprobs is None else ref_logprobs[rows], cfg, num_items, scale,
+                model,
+                _rows(packed, rows),
+                None if old_logprobs is None else old_logprobs[rows],
+                advantages[rows],
+                None if ref_logprobs is None else ref_logprobs[rows],
+                cfg,
+                num_items,
+                scale,
             )
             grads = chunk_grads if grads is None else _tree_add(grads, chunk_grads)
             mx.eval(grads, loss, metrics)
@@ -280,8 +336,12 @@ def update_step(model: nn.Module, optimizer: optim.Optimizer, batch, advantages:
         learning_rate = optimizer.learning_rate.item()
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
-        step_metrics = {"loss": loss_sum, "grad_norm": grad_norm.item(),
-                        "learning_rate": learning_rate, **sums}
+        step_metrics = {
+            "loss": loss_sum,
+            "grad_norm": grad_norm.item(),
+            "learning_rate": learning_rate,
+            **sums,
+        }
         for name, value in step_metrics.items():
             totals[name] = totals.get(name, 0.0) + value / cfg.num_iterations
     return totals

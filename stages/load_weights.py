@@ -26,7 +26,7 @@ def resolve_path(path: str | Path) -> Path:
     """A model directory for `path`, building a built-in model on first use."""
     text = str(path)
     if text.startswith(BUILTIN_PREFIX):
-        return tiny_model.builtin_path(text[len(BUILTIN_PREFIX):])
+        return tiny_model.builtin_path(text[len(BUILTIN_PREFIX) :])
     return Path(text).expanduser()
 
 

@@ -110,8 +110,9 @@ def score(batch, reward_funcs: Sequence[RewardFunc], weights: Sequence[float]) -
         try:
             values = fn(prompts=batch.prompt_texts, completions=batch.texts, **batch.columns)
         except Exception as error:
-            raise RewardError(f"reward function {name} raised {type(error).__name__}: {error}") \
-                from error
+            raise RewardError(
+                f"reward function {name} raised {type(error).__name__}: {error}"
+            ) from error
         values = list(values)
         if len(values) != len(batch.texts):
             raise RewardError(
@@ -140,8 +141,9 @@ def combine(rewards: mx.array, weights: Sequence[float]) -> mx.array:
     return mx.where(mx.isnan(weighted), 0.0, weighted).sum(axis=1)
 
 
-def reward_metrics(rewards: mx.array, names: Sequence[str], weights: Sequence[float],
-                   group_size: int) -> dict[str, float]:
+def reward_metrics(
+    rewards: mx.array, names: Sequence[str], weights: Sequence[float], group_size: int
+) -> dict[str, float]:
     """TRL's reward metrics for an (N, F) score matrix (NaN = None).
 
     reward: mean of the weighted total; reward_std: mean over groups of the total's std;

@@ -117,8 +117,9 @@ def _repeat_rows(caches: list[BatchKVCache], times: int) -> None:
         )
 
 
-def generate_rollouts(model: nn.Module, tokenizer, prompts: list[list[int]],
-                      cfg: RolloutConfig) -> RolloutBatch:
+def generate_rollouts(
+    model: nn.Module, tokenizer, prompts: list[list[int]], cfg: RolloutConfig
+) -> RolloutBatch:
     """`cfg.group_size` completions for each prompt (token ids), batched on BatchKVCache."""
     cfg.validate()
     if not prompts:

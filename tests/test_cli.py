@@ -1,0 +1,140 @@
+"""End-to-end: the real entry point in a subprocess, a temporary MLflow SQLite store."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run_grpo(tmp_path: Path, *overrides: str, timeout: int = 300):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.grpo", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grpo")
+    runs = client.search_runs([experiment.experiment_id])
+    return client, runs
+
+
+SHRUNK = (
+    "+experiment=quickstart",
+    "train.steps=4",
+    "checkpoint.every=2",
+    "train.prompts_per_step=4",
+    "rollout.group_size=4",
+)
+
+
+def test_quickstart_end_to_end_logs_to_mlflow_and_checkpoints(tmp_path):
+    result = run_grpo(tmp_path, *SHRUNK)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr
+    assert "done: 4 steps" in result.stdout
+
+    client, runs = _mlflow_run(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "4"
+    assert run.data.params["model.path"] == "builtin:tiny_qwen3"
+    for metric in (
+        "reward",
+        "reward_std",
+        "rewards/exact_answer/mean",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "entropy",
+        "clip_ratio/region_mean",
+        "grad_norm",
+        "learning_rate",
+        "loss",
+        "tokens/s",
+    ):
+        assert metric in run.data.metrics, metric
+    history = client.get_metric_history(run.info.run_id, "reward")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "plots", "completions"} <= artifacts
+
+    from stages import checkpoint
+    from stages.load_weights import load
+
+    root = tmp_path / "outputs" / "quickstart" / "checkpoints"
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000002", "step-00000004"]
+    model, tokenizer = load(root / "step-00000004")
+    assert tokenizer.encode("1+1=") and model is not None
+
+
+def test_resume_latest_continues_from_the_checkpoint(tmp_path):
+    first = run_grpo(
+        tmp_path,
+        *SHRUNK[:1],
+        "train.steps=2",
+        "checkpoint.every=2",
+        "train.prompts_per_step=4",
+        "rollout.group_size=4",
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_grpo(tmp_path, *SHRUNK, "run.resume=latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    from stages import checkpoint
+
+    root = tmp_path / "outputs" / "quickstart" / "checkpoints"
+    state = checkpoint.load_state(checkpoint.latest(root))
+    assert state["step"] == 4 and state["data_position"] == 4 * 4
+    client, runs = _mlflow_run(tmp_path)
+    assert len(runs) == 1  # the resumed run continues the same MLflow run
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward")]
+    assert sorted(steps) == [0, 1, 2, 3]  # steps 2, 3 ran once, after the resume
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.lerning_rate=1"], "unknown key train.lerning_rate"),
+        (["model.path=/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+        (["data.source=DATA"], "no prompt column 'prompt'"),
+        (["reward.funcs.made_up._target_=no_such.module"], "reward.funcs.made_up"),
+    ],
+)
+def test_bad_input_is_one_line_before_loading(tmp_path, overrides, fragment):
+    (tmp_path / "data.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
+    overrides = [o.replace("DATA", str(tmp_path / "data.jsonl")) for o in overrides]
+    if overrides[0].startswith("reward.funcs.made_up"):
+        overrides = ["+" + overrides[0]]
+    result = run_grpo(tmp_path, *overrides, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], lines
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_quickstart_default_run_learns(tmp_path):
+    """The issue's bar: default quickstart, default seed, last-10 mean reward >= first-10 + 0.3."""
+    result = run_grpo(tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from stages import checkpoint
+
+    state = checkpoint.load_state(
+        checkpoint.latest(tmp_path / "outputs" / "quickstart" / "checkpoints")
+    )
+    rewards = [h["reward"] for h in state["history"]]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last - first >= 0.3, (first, last)
