@@ -10,26 +10,19 @@ Every stage logs to one MLflow run.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from prefect import flow
+
+from pipelines import tasks
 from pipelines.config import ConfigError, GRPOConfig, compose, flatten, to_schema, to_yaml
-
-# Prefect narrates every task run at INFO; the console shows our progress bar instead. Its
-# temporary server's telemetry would log an error on machines without internet.
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-from omegaconf import OmegaConf  # noqa: E402
-from prefect import flow  # noqa: E402
-
-from pipelines import tasks  # noqa: E402
-from pipelines.tracking import Tracker  # noqa: E402
-from stages import checkpoint, data, grpo_update, load_weights, rewards, rollout  # noqa: E402
-from stages.backend import blas  # noqa: E402
+from pipelines.tracking import Tracker
+from stages import checkpoint, data, grpo_update, load_weights, rewards, rollout
+from stages.backend import blas
 
 
 class InputError(ValueError):
