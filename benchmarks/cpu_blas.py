@@ -10,11 +10,11 @@ MLX_GRPO_BLAS=reference to see the bundled BLAS for comparison. Target: MLX >= 0
 import argparse
 import time
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
 import stages  # noqa: F401  (must come before mlx.core)
 from stages.backend import blas
+
+import mlx.core as mx
+import numpy as np
 
 
 def gflops(fn, n: int, repeats: int, trials: int = 5) -> float:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx_lm.models import qwen3  # noqa: E402
-
 import stages  # noqa: F401  (before mlx.core: fast CPU BLAS)
-from stages import grpo_update, rewards  # noqa: E402
-from stages.backend import resolve_dtype  # noqa: E402
-from stages.rollout import RolloutConfig, generate_rollouts  # noqa: E402
+from stages import grpo_update, rewards
+from stages.backend import resolve_dtype
+from stages.rollout import RolloutConfig, generate_rollouts
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models import qwen3
 
 SHAPES = {
     "0.6b": dict(

@@ -15,14 +15,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from stages import checkpoint, data, grpo_update, load_weights, rewards, rollout
+from stages.backend import blas
+
 from omegaconf import OmegaConf
 from prefect import flow
 
 from pipelines import tasks
 from pipelines.config import ConfigError, GRPOConfig, compose, flatten, to_schema, to_yaml
 from pipelines.tracking import Tracker
-from stages import checkpoint, data, grpo_update, load_weights, rewards, rollout
-from stages.backend import blas
 
 
 class InputError(ValueError):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 
+from stages import checkpoint, grpo_update, load_weights, rewards, rollout
+
 import mlx.core as mx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.tracking import Tracker
-from stages import checkpoint, grpo_update, load_weights, rewards, rollout
 
 # Stage inputs are models and MLX arrays: never hash or persist them.
 _TASK = {"cache_policy": NO_CACHE, "persist_result": False}

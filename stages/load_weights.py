@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 from types import MappingProxyType
 
+from stages import tiny_model
+from stages.backend import resolve_dtype
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
-
-from stages import tiny_model
-from stages.backend import resolve_dtype
 
 BUILTIN_PREFIX = "builtin:"
 

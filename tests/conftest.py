@@ -11,9 +11,9 @@ os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-import pytest  # noqa: E402
-
 import stages  # noqa: E402,F401  (attach the fast BLAS before anything imports mlx.core)
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

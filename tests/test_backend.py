@@ -3,10 +3,10 @@ import platform
 import subprocess
 import sys
 
+from stages import backend
+
 import mlx.core as mx
 import pytest
-
-from stages import backend
 
 
 def test_auto_dtype_is_float32_on_cpu():

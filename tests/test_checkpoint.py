@@ -1,12 +1,12 @@
 import json
 
+from stages import checkpoint, grpo_update
+from stages.load_weights import load
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from stages import checkpoint, grpo_update
-from stages.load_weights import load
 
 
 def _params(model):

@@ -1,8 +1,8 @@
 import json
 
-import pytest
-
 from stages import data
+
+import pytest
 
 
 def test_arithmetic_rows_are_seeded_and_correct():

@@ -1,8 +1,8 @@
+from stages.entropy import high_entropy_mask, token_entropy
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from stages.entropy import high_entropy_mask, token_entropy
 
 
 def test_token_entropy_matches_numpy():

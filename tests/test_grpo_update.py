@@ -1,12 +1,12 @@
+from stages import grpo_update
+from stages.grpo_update import UpdateConfig, compute_advantages, grpo_loss
+from stages.rollout import RolloutConfig, generate_rollouts
+
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from stages import grpo_update
-from stages.grpo_update import UpdateConfig, compute_advantages, grpo_loss
-from stages.rollout import RolloutConfig, generate_rollouts
 
 
 def _np_advantages(rewards, group_size, scale):

@@ -1,12 +1,12 @@
 import json
 import shutil
 
+from stages.load_weights import load
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from stages.load_weights import load
 
 
 def test_builtin_loads_as_hf_directory(tiny_path):

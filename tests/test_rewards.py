@@ -1,11 +1,11 @@
 import math
 
+from stages import rewards
+from stages.rollout import RolloutBatch
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from stages import rewards
-from stages.rollout import RolloutBatch
 
 
 def _batch(completions, answers, group_size=2):

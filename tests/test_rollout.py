@@ -1,9 +1,9 @@
+from stages import grpo_update
+from stages.rollout import RolloutConfig, generate_rollouts, sample_next
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from stages import grpo_update
-from stages.rollout import RolloutConfig, generate_rollouts, sample_next
 
 PROMPTS = ["1+2=", "3+4=", "2+2=7+1=", "0+", "4+4=hello 1+1="]
 

@@ -1,0 +1,59 @@
+"""mx.distributed helpers with 2 real processes over the ring backend (CPU)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from stages import distributed
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_single_process_is_a_no_op():
+    world = distributed.init()
+    assert world.size == 1 and world.is_main
+    assert distributed.shard(8, world) == slice(0, 8)
+    assert distributed.reduce_metrics({"reward": 0.5}, world) == {"reward": 0.5}
+    distributed.check_same("anything", world)
+
+
+def _launch(script: str, *args: str) -> list[dict]:
+    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+    result = subprocess.run(
+        [launcher, "-n", "2", "--backend", "ring", sys.executable, str(HERE / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    reports = [
+        json.loads(line.split("REPORT ", 1)[1])
+        for line in result.stdout.splitlines()
+        if "REPORT " in line
+    ]
+    assert len(reports) == 2, result.stdout + result.stderr
+    return sorted(reports, key=lambda r: r["rank"])
+
+
+@pytest.mark.slow
+def test_two_ranks_shard_gather_reduce_and_compare_configs():
+    same = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-a")
+    assert [r["size"] for r in same] == [2, 2]
+    assert [r["shard"] for r in same] == [[0, 4], [4, 8]]
+    assert same[0]["gathered"] == [0.0, 0.0, 1.0, 1.0] == same[1]["gathered"]
+    assert same[0]["sum"] == 3.0
+    assert same[0]["metrics"] == {
+        "reward": 0.5,
+        "clip_ratio/low_min": 0.0,
+        "clip_ratio/high_max": 1.0,
+    }
+    assert same[0]["config"] == "same"
+    assert (
+        "prompts per step (3) must be divisible by the number of processes (2)"
+        in same[0]["shard_error"]
+    )
+    differ = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-b")
+    assert all("ranks [1] have a different resolved config" in r["config"] for r in differ)
