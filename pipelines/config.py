@@ -244,7 +244,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
             name,
             f"a built-in ({', '.join(sorted(REGISTRY))}) or an entry with _target_",
         )
-        if spec._target_ is None and spec.kwargs:
+        if spec._target_ is None:
             try:
                 bind(REGISTRY[name], dict(spec.kwargs), name)
             except (TypeError, ValueError) as error:

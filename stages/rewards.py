@@ -44,6 +44,7 @@ ON_ERROR = ("raise", "none")
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER_OR_FRACTION = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
 _BOXED = "\\boxed{"
 _FRACTION = re.compile(r"^(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)$")
 _LATEX_FRACTION = re.compile(r"^(-?)\\d?frac\{(-?\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}$")
@@ -109,7 +110,7 @@ def extract_answer(text: str) -> str | None:
     tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
     if tagged:
         return tagged[-1].strip()
-    numbers = _NUMBER.findall(text)
+    numbers = _NUMBER_OR_FRACTION.findall(text)
     return numbers[-1] if numbers else None
 
 
@@ -228,7 +229,7 @@ def length(
     ]
 
 
-def _check_length_settings(target=None, max_length=None, cache=0, **_) -> None:
+def _check_length_settings(target=None, max_length=None, cache=0) -> None:
     if (target is None) == (max_length is None):
         raise ValueError("length needs exactly one of target or max_length")
     if target is not None and target < 1:
@@ -284,18 +285,25 @@ def resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
 
 def bind(fn: RewardFunc, settings: dict | None, name: str | None = None) -> RewardFunc:
     """`fn` with keyword settings fixed (e.g. length's target). Unknown names are an error."""
+    settings = settings or {}
+    check = getattr(fn, "check_settings", None)
     if not settings:
+        if check is not None:
+            check()
         return fn
     label = name or getattr(fn, "__name__", "reward")
     parameters = inspect.signature(fn).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    # Built-ins swallow dataset columns with **_, so only their named parameters are settings.
+    builtin = fn in REGISTRY.values()
+    accepts_any = not builtin and any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
     unknown = [key for key in settings if key not in parameters]
     if unknown and not accepts_any:
         raise ValueError(
             f"reward {label} has no setting {unknown[0]!r}; its parameters are "
             f"{[p for p in parameters if p not in ('prompts', 'completions')]}"
         )
-    check = getattr(fn, "check_settings", None)
     if check is not None:
         check(**settings)
     bound = functools.partial(fn, **settings)
