@@ -43,6 +43,9 @@ class DataConfig:
     num_rows: int = 512  # built-in task only
     use_chat_template: bool = False
     system_prompt: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # reward argument -> dataset column
+    eval_size: int = 0  # rows held out of the training data for evaluation
+    eval_source: str | None = None  # or a separate file of evaluation prompts
 
 
 @dataclass
@@ -50,11 +53,18 @@ class RewardFuncConfig:
     weight: float = 1.0
     # Import path of a TRL-signature reward function; null: the key names a built-in.
     _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # settings bound to the function
+
+
+ON_ERROR_CHOICES = ("raise", "none")
 
 
 @dataclass
 class RewardConfig:
     funcs: dict[str, RewardFuncConfig] = field(default_factory=dict)
+    weights: list[float] | None = None  # TRL's reward_weights: one per function, in order
+    timeout: float | None = None  # seconds per reward-function call; null: no limit
+    on_error: str = "raise"  # raise | none (record None, report function and sample)
 
 
 @dataclass
@@ -82,8 +92,24 @@ class TrainConfig:
     epsilon_high: float = 0.28
     beta: float = 0.0
     num_iterations: int = 1
+    steps_per_generation: int = 1
     scale_rewards: str = "group"
+    multi_objective_aggregation: str = "sum_then_normalize"
+    importance_sampling_level: str = "token"
+    delta: float | None = None
+    mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
+
+
+@dataclass
+class EvalSettings:
+    every: int = 0  # evaluate every N steps (0: only at the end); needs eval rows
+    num_samples: int = 1  # 1: greedy; k > 1: k sampled completions per prompt, pass@k
+    max_prompts: int = 0  # evaluate on at most this many eval rows; 0: all
+    batch_size: int = 16  # prompts per generate call
+    accuracy_reward: str | None = None  # reward function that defines "correct"; null: first
+    accuracy_threshold: float = 1.0  # correct when that reward >= this
+    table_rows: int = 16  # example completions logged as a table
 
 
 @dataclass
@@ -107,6 +133,7 @@ class GRPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     experiment: Any = None
@@ -133,8 +160,8 @@ def _check(condition: bool, key: str, value: Any, expected: str) -> None:
 
 def validate(cfg: GRPOConfig) -> GRPOConfig:
     """Value checks the types cannot express. Raises ConfigError naming the key."""
-    from stages.grpo_update import LOSS_TYPES, SCALE_REWARDS, SCHEDULES
-    from stages.rewards import REGISTRY
+    from stages.grpo_update import AGGREGATIONS, IS_LEVELS, LOSS_TYPES, SCALE_REWARDS, SCHEDULES
+    from stages.rewards import REGISTRY, bind
 
     t, r = cfg.train, cfg.rollout
     _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
@@ -157,6 +184,33 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
         "train.micro_batch_size",
         t.micro_batch_size,
         ">= 0 (0 = whole batch)",
+    )
+    _check(
+        t.multi_objective_aggregation in AGGREGATIONS,
+        "train.multi_objective_aggregation",
+        t.multi_objective_aggregation,
+        " | ".join(AGGREGATIONS),
+    )
+    _check(
+        t.importance_sampling_level in IS_LEVELS,
+        "train.importance_sampling_level",
+        t.importance_sampling_level,
+        " | ".join(IS_LEVELS),
+    )
+    _check(t.delta is None or t.delta > 1, "train.delta", t.delta, "null or > 1")
+    _check(
+        t.steps_per_generation >= 1,
+        "train.steps_per_generation",
+        t.steps_per_generation,
+        ">= 1",
+    )
+    rows = t.prompts_per_step * r.group_size
+    _check(
+        rows % t.steps_per_generation == 0,
+        "train.steps_per_generation",
+        t.steps_per_generation,
+        f"a divisor of the {rows} rows of a generation batch "
+        "(train.prompts_per_step * rollout.group_size)",
     )
     _check(
         0 <= t.top_entropy_quantile <= 1,
@@ -190,6 +244,34 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
             name,
             f"a built-in ({', '.join(sorted(REGISTRY))}) or an entry with _target_",
         )
+        if spec._target_ is None:
+            try:
+                bind(REGISTRY[name], dict(spec.kwargs), name)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(
+                    f"config reward.funcs.{name}.kwargs is invalid: {error}"
+                ) from None
+    rw = cfg.reward
+    if rw.weights is not None and len(rw.weights) != len(rw.funcs):
+        raise ConfigError(
+            f"config reward.weights has {len(rw.weights)} values for {len(rw.funcs)} reward "
+            f"functions ({', '.join(rw.funcs)}); give one weight per function, in that order"
+        )
+    _check(rw.on_error in ON_ERROR_CHOICES, "reward.on_error", rw.on_error, "raise | none")
+    _check(rw.timeout is None or rw.timeout > 0, "reward.timeout", rw.timeout, "null or > 0")
+    d, e = cfg.data, cfg.eval
+    _check(d.eval_size >= 0, "data.eval_size", d.eval_size, ">= 0")
+    _check(e.every >= 0, "eval.every", e.every, ">= 0 (0: only at the end)")
+    _check(e.num_samples >= 1, "eval.num_samples", e.num_samples, ">= 1 (1: greedy)")
+    _check(e.max_prompts >= 0, "eval.max_prompts", e.max_prompts, ">= 0 (0: all)")
+    _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+    _check(e.table_rows >= 0, "eval.table_rows", e.table_rows, ">= 0")
+    _check(
+        e.accuracy_reward is None or e.accuracy_reward in rw.funcs,
+        "eval.accuracy_reward",
+        e.accuracy_reward,
+        f"null or one of reward.funcs ({', '.join(rw.funcs)})",
+    )
     return cfg
 
 

@@ -30,29 +30,59 @@ class InputError(ValueError):
     """Bad user input found before training starts (missing files, columns, rewards)."""
 
 
-def encode_prompt(tokenizer, text: str, data_cfg) -> list[int]:
-    if not data_cfg.use_chat_template:
-        return tokenizer.encode(text)
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError("data.use_chat_template=true but the tokenizer has no chat template")
-    messages = (
-        [{"role": "system", "content": data_cfg.system_prompt}] if data_cfg.system_prompt else []
-    )
-    messages.append({"role": "user", "content": text})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def encode_prompt(tokenizer, prompt, data_cfg) -> list[int]:
+    """Token ids of a prompt (text or chat messages), per data.use_chat_template."""
+    try:
+        return data.encode_prompt(
+            tokenizer,
+            prompt,
+            use_chat_template=data_cfg.use_chat_template,
+            system_prompt=data_cfg.system_prompt,
+        )
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
 
 def resolve_rewards(cfg: GRPOConfig) -> tuple[list, list[str], list[float]]:
+    """(functions with their kwargs bound, names, weights); reward.weights overrides weight."""
     funcs, names, weights = [], [], []
     for name, spec in cfg.reward.funcs.items():
         try:
             _, fn = rewards.resolve(spec._target_ or name)
-        except ValueError as error:
+            fn = rewards.bind(fn, dict(spec.kwargs), name)
+        except (TypeError, ValueError) as error:
             raise InputError(f"reward.funcs.{name}: {error}") from None
         funcs.append(fn)
         names.append(name)
         weights.append(spec.weight)
+    if cfg.reward.weights is not None:
+        weights = [float(w) for w in cfg.reward.weights]
     return funcs, names, weights
+
+
+def load_data(cfg: GRPOConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) per data.*, checked against the columns the rewards need."""
+    d = cfg.data
+    try:
+        train, held_out = data.load_splits(
+            d.source,
+            prompt_column=d.prompt_column,
+            columns=dict(d.columns),
+            num_rows=d.num_rows,
+            seed=cfg.run.seed,
+            eval_size=d.eval_size,
+            eval_source=d.eval_source,
+        )
+        funcs, names, _ = resolve_rewards(cfg)
+        needed = {name: rewards.required_columns(fn) for fn, name in zip(funcs, names)}
+        data.check_columns(train, needed, d.source)
+        if held_out:
+            data.check_columns(held_out, needed, d.eval_source or d.source)
+    except (OSError, ValueError) as error:
+        raise InputError(str(error)) from None
+    if cfg.eval.max_prompts:
+        held_out = held_out[: cfg.eval.max_prompts]
+    return train, held_out
 
 
 def resume_point(cfg: GRPOConfig) -> Path | None:
@@ -77,15 +107,9 @@ def preflight(cfg: GRPOConfig) -> None:
         resume_point(cfg)
         if not cfg.model.path.startswith(load_weights.BUILTIN_PREFIX):
             load_weights.check_model_dir(load_weights.resolve_path(cfg.model.path))
-        data.load_rows(
-            cfg.data.source,
-            prompt_column=cfg.data.prompt_column,
-            num_rows=cfg.data.num_rows,
-            seed=cfg.run.seed,
-        )
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from None
-    resolve_rewards(cfg)
+    load_data(cfg)
 
 
 def _plot_rewards(history: list[dict], path: Path) -> Path:
@@ -137,12 +161,7 @@ def grpo_flow(config: dict) -> dict:
             ref_model.freeze()
 
         funcs, names, weights = resolve_rewards(cfg)
-        rows = data.load_rows(
-            cfg.data.source,
-            prompt_column=cfg.data.prompt_column,
-            num_rows=cfg.data.num_rows,
-            seed=cfg.run.seed,
-        )
+        rows, eval_rows = load_data(cfg)
         stream = data.PromptStream(rows, seed=cfg.run.seed, position=state.get("data_position", 0))
 
         t = cfg.train
@@ -150,7 +169,7 @@ def grpo_flow(config: dict) -> dict:
             t.learning_rate,
             schedule=t.lr_schedule,
             warmup_steps=t.warmup_steps,
-            total_steps=t.steps,
+            total_steps=t.steps * t.num_iterations * t.steps_per_generation,  # optimizer steps
             weight_decay=t.weight_decay,
         )
         if "optimizer" in state:
@@ -163,6 +182,10 @@ def grpo_flow(config: dict) -> dict:
             beta=t.beta,
             temperature=cfg.rollout.temperature or 1.0,
             num_iterations=t.num_iterations,
+            steps_per_generation=t.steps_per_generation,
+            importance_sampling_level=t.importance_sampling_level,
+            delta=t.delta,
+            mask_truncated_completions=t.mask_truncated_completions,
             micro_batch_size=t.micro_batch_size,
             max_grad_norm=t.max_grad_norm,
             top_entropy_quantile=t.top_entropy_quantile,
@@ -189,8 +212,17 @@ def grpo_flow(config: dict) -> dict:
             )
             batch = tasks.rollout_task(model, tokenizer, prompts, rollout_cfg, tracker, step)
             batch.with_columns(batch_rows)
-            scores = tasks.rewards_task(batch, funcs, names, weights, tracker, step)
-            advantages = tasks.advantages_task(scores, weights, batch.group_size, t.scale_rewards)
+            scores = tasks.rewards_task(batch, funcs, names, weights, tracker, step, cfg.reward)
+            advantages = tasks.advantages_task(
+                scores,
+                weights,
+                batch.group_size,
+                t.scale_rewards,
+                t.multi_objective_aggregation,
+                tracker,
+                step,
+            )
+            update_cfg.seed = cfg.run.seed * 1_000_003 + step
             metrics = tasks.update_task(
                 model, optimizer, batch, advantages, update_cfg, ref_model, tracker, step
             )
@@ -218,6 +250,10 @@ def grpo_flow(config: dict) -> dict:
             progress.update(1)
 
             done = step + 1
+            if eval_rows and ((cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps):
+                tasks.evaluate_task(
+                    model, tokenizer, eval_rows, funcs, names, weights, cfg, tracker, done
+                )
             if done % cfg.checkpoint.every == 0 or done == t.steps:
                 tasks.checkpoint_task(
                     model,

@@ -33,14 +33,25 @@ def load_rows(
     num_rows: int = 512,
     seed: int = 0,
     split: str = "train",
+    columns: dict[str, str] | None = None,
 ) -> list[dict]:
     """Rows from `source`: `builtin:arithmetic`, or a local JSONL/JSON/CSV/Parquet file or a
-    `save_to_disk` directory, read with `datasets`. The `prompt_column` is renamed to `prompt`.
+    `save_to_disk` directory, read with `datasets`. The `prompt_column` is renamed to `prompt`;
+    `columns` maps reward argument names to dataset columns ({"answer": "solution"} gives each
+    row an `answer` holding its `solution`). A prompt is a string or a chat (a list of
+    {"role", "content"} messages, e.g. a `messages` column).
     """
     if source == BUILTIN_ARITHMETIC:
         rows = arithmetic_rows(num_rows, seed=seed)
     else:
         rows = _load_with_datasets(source, split)
+        for name, column in (columns or {}).items():
+            if rows and column not in rows[0]:
+                raise ValueError(
+                    f"dataset {source} has no column {column!r} (data.columns.{name}); its "
+                    f"columns are {sorted(rows[0])}"
+                )
+            rows = [{**row, name: row[column]} for row in rows]
         if rows and prompt_column not in rows[0]:
             raise ValueError(
                 f"dataset {source} has no prompt column {prompt_column!r}; its columns are "
@@ -56,7 +67,84 @@ def load_rows(
             ]
     if not rows:
         raise ValueError(f"dataset {source} has no rows")
+    for index, row in enumerate(rows):
+        if not _is_prompt(row["prompt"]):
+            raise ValueError(
+                f"dataset {source} row {index}: prompt must be a string or a list of "
+                f"{{'role', 'content'}} messages, got {str(row['prompt'])[:80]!r}"
+            )
     return rows
+
+
+def _is_prompt(value) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value)
+    )
+
+
+def split_rows(rows: list[dict], eval_size: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows): `eval_size` rows held out, chosen by a seeded permutation, so the
+    split is the same on every run and resume with this seed. Order within each part is kept."""
+    if eval_size < 0:
+        raise ValueError(f"eval size must be >= 0, got {eval_size}")
+    if eval_size >= len(rows):
+        raise ValueError(
+            f"eval split of {eval_size} rows is not smaller than the dataset ({len(rows)} rows); "
+            "lower data.eval_size"
+        )
+    if eval_size == 0:
+        return rows, []
+    held_out = set(np.random.default_rng([seed, 1]).permutation(len(rows))[:eval_size].tolist())
+    train = [row for i, row in enumerate(rows) if i not in held_out]
+    return train, [row for i, row in enumerate(rows) if i in held_out]
+
+
+def check_columns(rows: list[dict], needed: dict[str, list[str]], source: str) -> None:
+    """Every column a reward needs is in the rows. needed: reward name -> column names."""
+    present = set(rows[0]) if rows else set()
+    for reward, names in needed.items():
+        for name in names:
+            if name not in present:
+                raise ValueError(
+                    f"reward {reward} needs column {name!r} but dataset {source} has "
+                    f"{sorted(present)}; map one with data.columns.{name}=<column>"
+                )
+
+
+def prompt_messages(prompt, system_prompt: str | None = None) -> list[dict]:
+    """Chat messages for a prompt: a string becomes one user message; a chat is used as is
+    except that trailing assistant turns (an SFT-style reference answer) are dropped. The
+    system prompt is added first unless the chat has one."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(m) for m in prompt]
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages:
+            raise ValueError("a chat prompt holds only assistant messages")
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def encode_prompt(
+    tokenizer, prompt, *, use_chat_template: bool = False, system_prompt: str | None = None
+) -> list[int]:
+    """Token ids of a prompt. Chats always go through the tokenizer's chat template (with the
+    generation prompt); plain strings only when `use_chat_template`."""
+    if isinstance(prompt, str) and not use_chat_template:
+        return tokenizer.encode(prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        what = "data.use_chat_template=true" if isinstance(prompt, str) else "a chat prompt"
+        raise ValueError(f"{what} needs a chat template but the tokenizer has none")
+    return tokenizer.apply_chat_template(
+        prompt_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=True
+    )
 
 
 def _load_with_datasets(source: str, split: str) -> list[dict]:
@@ -107,3 +195,30 @@ class PromptStream:
             batch.append(self.rows[int(orders[epoch][index])])
             self.position += 1
         return batch
+
+
+def load_splits(
+    source: str,
+    *,
+    prompt_column: str = "prompt",
+    columns: dict[str, str] | None = None,
+    num_rows: int = 512,
+    seed: int = 0,
+    eval_size: int = 0,
+    eval_source: str | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows): `eval_size` rows held out of `source` (seeded), plus every row of
+    `eval_source` when given (same prompt column and column mapping)."""
+    rows = load_rows(
+        source, prompt_column=prompt_column, num_rows=num_rows, seed=seed, columns=columns
+    )
+    train, held_out = split_rows(rows, eval_size, seed)
+    if eval_source:
+        held_out = held_out + load_rows(
+            eval_source,
+            prompt_column=prompt_column,
+            num_rows=num_rows,
+            seed=seed + 1,
+            columns=columns,
+        )
+    return train, held_out

@@ -7,7 +7,7 @@ normalisations of `loss_type` grpo / bnpo / dr_grpo / dapo.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stages.entropy import high_entropy_mask, token_entropy
 
@@ -19,26 +19,103 @@ import numpy as np
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 SCHEDULES = ("constant", "linear", "cosine")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+IS_LEVELS = ("token", "sequence")
 
 
-def compute_advantages(rewards: mx.array, group_size: int, scale: str) -> mx.array:
-    """Group-relative advantages. rewards: (N,) with N = prompts * group_size -> (N,).
+def _nanmean(x: np.ndarray, axis=None, keepdims: bool = False) -> np.ndarray:
+    valid = ~np.isnan(x)
+    total = np.where(valid, x, 0.0).sum(axis=axis, keepdims=keepdims)
+    count = valid.sum(axis=axis, keepdims=keepdims)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
-    advantage = reward - mean(reward of its group), divided by (std + 1e-4) where std is the
-    group's (scale="group"), the whole batch's (scale="batch"), or not at all ("none").
-    Standard deviations are unbiased (ddof=1), as torch.std in TRL.
+
+def _nanstd(x: np.ndarray, axis=None, keepdims: bool = False) -> np.ndarray:
+    """Unbiased std ignoring NaN (TRL's nanstd): NaN where fewer than 2 values."""
+    valid = ~np.isnan(x)
+    mean = _nanmean(x, axis=axis, keepdims=True)
+    squares = np.where(valid, (x - mean) ** 2, 0.0).sum(axis=axis, keepdims=keepdims)
+    count = valid.sum(axis=axis, keepdims=keepdims)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 1, np.sqrt(squares / np.maximum(count - 1, 1)), np.nan)
+
+
+def group_advantages(
+    scores: mx.array,
+    weights,
+    group_size: int,
+    scale: str = "group",
+    aggregation: str = "sum_then_normalize",
+) -> tuple[mx.array, dict[str, float]]:
+    """Advantages from the (N, F) reward matrix (NaN = None), TRL's formulas. Returns
+    ((N,) advantages, {"frac_reward_zero_std": ...}).
+
+    sum_then_normalize: total = weighted NaN-ignoring sum over functions; advantage = total -
+    group mean, divided by (std + 1e-4) where std is the group's (scale="group"), the batch's
+    ("batch") or not at all ("none").
+    normalize_then_sum (GDPO): each function is normalised within its group, (r - mean) /
+    (std + 1e-4), then weighted and summed, and the sum normalised over the batch; `scale` is not
+    used (as in TRL).
+    A row where every function returned None is unscorable: it is left out of the means and
+    stds (NaN-aware) and its advantage is 0. Stds are unbiased (ddof=1) as torch.std in TRL.
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards {scale!r} is not one of {', '.join(SCALE_REWARDS)}")
-    if rewards.size % group_size:
-        raise ValueError(f"{rewards.size} rewards do not split into groups of {group_size}")
-    grouped = rewards.reshape(-1, group_size)
-    advantages = grouped - grouped.mean(axis=1, keepdims=True)
-    if scale == "group":
-        advantages = advantages / (mx.std(grouped, axis=1, keepdims=True, ddof=1) + 1e-4)
-    elif scale == "batch":
-        advantages = advantages / (mx.std(rewards, ddof=1) + 1e-4)
-    return advantages.reshape(-1)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"multi_objective_aggregation {aggregation!r} is not one of {', '.join(AGGREGATIONS)}"
+        )
+    matrix = np.array(scores, dtype=np.float64)
+    if matrix.ndim == 1:
+        matrix = matrix[:, None]
+    n_rows, n_funcs = matrix.shape
+    weight_row = np.asarray(weights, dtype=np.float64).reshape(1, -1)
+    if weight_row.shape[1] != n_funcs:
+        raise ValueError(f"{weight_row.shape[1]} reward weights for {n_funcs} reward functions")
+    if group_size < 1 or n_rows % group_size:
+        raise ValueError(f"{n_rows} rewards do not split into groups of {group_size}")
+    unscorable = np.isnan(matrix).all(axis=1)
+
+    if aggregation == "sum_then_normalize":
+        total = np.where(np.isnan(matrix), 0.0, matrix * weight_row).sum(axis=1)
+        total[unscorable] = np.nan
+        grouped = total.reshape(-1, group_size)
+        mean = np.repeat(_nanmean(grouped, axis=1), group_size)
+        if scale == "batch":
+            std = np.full(n_rows, _nanstd(total) if n_rows > 1 else 0.0)
+        else:
+            std = (
+                np.repeat(_nanstd(grouped, axis=1), group_size)
+                if group_size > 1
+                else np.zeros(n_rows)
+            )
+        advantages = total - mean
+        if scale != "none":
+            advantages = advantages / (std + 1e-4)
+    else:
+        grouped = matrix.reshape(-1, group_size, n_funcs)
+        mean_k = _nanmean(grouped, axis=1, keepdims=True)
+        std_k = _nanstd(grouped, axis=1, keepdims=True) if group_size > 1 else np.zeros_like(mean_k)
+        normalised = ((grouped - mean_k) / (std_k + 1e-4)).reshape(n_rows, n_funcs)
+        total = np.where(np.isnan(normalised), 0.0, normalised * weight_row).sum(axis=1)
+        total[unscorable] = np.nan
+        std = np.full(n_rows, _nanstd(total) if n_rows > 1 else 0.0)
+        advantages = (total - _nanmean(total)) / (std + 1e-4)
+    advantages = np.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0)
+    is_std_zero = np.isclose(np.nan_to_num(std, nan=1.0), 0.0)
+    metrics = {"frac_reward_zero_std": float(is_std_zero.mean())}
+    return mx.array(advantages.astype(np.float32)), metrics
+
+
+def compute_advantages(rewards: mx.array, group_size: int, scale: str) -> mx.array:
+    """Group-relative advantages of one total reward per row. rewards: (N,) -> (N,).
+
+    advantage = reward - mean(reward of its group), divided by (std + 1e-4) where std is the
+    group's (scale="group"), the whole batch's (scale="batch"), or not at all ("none").
+    NaN rewards (unscorable rows) get advantage 0 and are left out of the statistics.
+    """
+    return group_advantages(rewards.reshape(-1, 1), [1.0], group_size, scale)[0]
 
 
 def grpo_loss(
@@ -106,11 +183,15 @@ def grpo_loss(
         normaliser = num_items_in_batch if num_items_in_batch is not None else token_count
         loss = (per_token_loss * mask).sum() / normaliser
 
-    low = (ratio < 1 - epsilon_low) & (adv < 0)
-    high = (ratio > 1 + epsilon_high) & (adv > 0)
-    metrics["clip_ratio/low_mean"] = (low * mask).sum() / token_count
-    metrics["clip_ratio/high_mean"] = (high * mask).sum() / token_count
-    metrics["clip_ratio/region_mean"] = ((low | high) * mask).sum() / token_count
+    # TRL's masked_batch_mean: a token mean, or with sequence-level weights a plain mean over rows.
+    def batch_mean(x):
+        return x.mean() if x.shape[1] == 1 else (x * mask).sum() / token_count
+
+    low = ((ratio < 1 - epsilon_low) & (adv < 0)).astype(mx.float32)
+    high = ((ratio > 1 + epsilon_high) & (adv > 0)).astype(mx.float32)
+    metrics["clip_ratio/low_mean"] = batch_mean(low)
+    metrics["clip_ratio/high_mean"] = batch_mean(high)
+    metrics["clip_ratio/region_mean"] = batch_mean(mx.maximum(low, high))
     return loss, metrics
 
 
@@ -123,11 +204,14 @@ class UpdateConfig:
     delta: float | None = None
     beta: float = 0.0
     temperature: float = 1.0  # logits are divided by it, as at sampling time (TRL)
-    num_iterations: int = 1  # mu: optimizer steps per generation batch
-    micro_batch_size: int = 0  # rows per forward/backward; 0 = whole batch (no accumulation)
+    num_iterations: int = 1  # mu: passes over each generation batch
+    steps_per_generation: int = 1  # optimizer steps each generation batch is split into
+    micro_batch_size: int = 0  # rows per forward/backward; 0 = whole optimizer-step batch
     max_grad_norm: float = 1.0
     top_entropy_quantile: float = 1.0
     max_completion_length: int | None = None
+    mask_truncated_completions: bool = False  # rows cut at max_new_tokens get no loss
+    seed: int = 0  # shuffles the generation batch before it is split (steps_per_generation > 1)
 
 
 @dataclass
@@ -261,13 +345,28 @@ def _loss_fn(
     return loss * scale, metrics
 
 
-def _rows(packed: PackedBatch, rows: slice) -> PackedBatch:
+def _rows(packed: PackedBatch, rows: mx.array) -> PackedBatch:
     return PackedBatch(
         packed.tokens[rows],
         packed.gather_index[rows],
         packed.completion_ids[rows],
         packed.completion_mask[rows],
     )
+
+
+def _chunk_scale(loss_type: str, rows: int, step_rows: int, tokens: float, step_tokens: float):
+    """Factor that turns one micro-batch's loss into its share of the optimizer-step loss, so
+    that accumulated gradients equal those of the whole step batch for every loss_type."""
+    if loss_type in ("grpo", "dr_grpo"):  # means over rows: weight by rows
+        return rows / step_rows
+    if loss_type == "bnpo":  # token mean: weight by tokens (each chunk divides by its own)
+        return max(tokens, 1.0) / max(step_tokens, 1.0)
+    return 1.0  # dapo already divides by the generation batch's token count
+
+
+# Metrics averaged over the whole batch weighted by tokens (token-level) or rows (sequence-level).
+_TOKEN_METRICS = ("entropy", "kl")
+_CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
 def update_step(
@@ -278,73 +377,123 @@ def update_step(
     cfg: UpdateConfig,
     ref_model: nn.Module | None = None,
 ) -> dict[str, float]:
-    """`cfg.num_iterations` optimizer steps on one RolloutBatch. Returns metrics (floats).
+    """All optimizer steps for one generation batch (a RolloutBatch). Returns metrics (floats).
 
-    Gradients are accumulated over micro-batches of `cfg.micro_batch_size` rows, each loss
-    scaled so the sum equals the whole-batch loss (dapo already divides by the whole batch's
-    token count). Gradients are clipped by global norm before each AdamW step.
+    The batch is shuffled (seeded) and split into `cfg.steps_per_generation` equal parts, one
+    optimizer step each, and that is repeated `cfg.num_iterations` times (TRL's mu). When there
+    is more than one optimizer step, the ratio's denominator is the policy that generated the
+    batch, computed once before the first step and held fixed. Each step's gradient is
+    accumulated over micro-batches of `cfg.micro_batch_size` rows, scaled so that it equals the
+    gradient of the step's whole batch for every loss_type, then clipped by global norm.
+
+    Metrics (TRL's names): loss and grad_norm (means over optimizer steps), learning_rate (last
+    step's), entropy and kl (token means), clip_ratio/low_mean, high_mean, region_mean (token
+    means; row means for sequence-level ratios) over every micro-batch, and clip_ratio/low_min,
+    high_max: the min / max of the per-micro-batch values (TRL takes them over processes'
+    local batches).
     """
     packed = pack(batch)
     n_rows = packed.tokens.shape[0]
-    micro = cfg.micro_batch_size or n_rows
-    chunks = [slice(i, min(i + micro, n_rows)) for i in range(0, n_rows, micro)]
+    # dapo's normaliser: active tokens of the whole generation batch, counted before truncated
+    # completions are masked (as TRL's num_items_in_batch).
     num_items = packed.completion_mask.sum()
+    if cfg.mask_truncated_completions:
+        kept = mx.array([reason != "length" for reason in batch.finish_reasons], dtype=mx.float32)
+        packed = replace(packed, completion_mask=packed.completion_mask * kept[:, None])
+    parts = cfg.steps_per_generation
+    if parts < 1 or n_rows % parts:
+        raise ValueError(
+            f"steps_per_generation={parts} does not split the generation batch of {n_rows} rows "
+            "into equal parts"
+        )
+    order = np.arange(n_rows)
+    if parts > 1:
+        order = np.random.default_rng(cfg.seed).permutation(n_rows)
+    part_size = n_rows // parts
+    step_rows = [order[i * part_size : (i + 1) * part_size] for i in range(parts)]
+    micro = cfg.micro_batch_size or part_size
+
+    def chunks_of(rows: np.ndarray) -> list[mx.array]:
+        return [mx.array(rows[i : i + micro]) for i in range(0, len(rows), micro)]
 
     def no_grad_logprobs(net):
-        return mx.concatenate(
-            [
-                mx.stop_gradient(
-                    token_logprobs(
-                        completion_logits(net, _rows(packed, c), cfg.temperature),
-                        packed.completion_ids[c],
-                    )
-                )
-                for c in chunks
-            ]
-        )
+        values = []
+        for chunk in chunks_of(np.arange(n_rows)):
+            logprobs = token_logprobs(
+                completion_logits(net, _rows(packed, chunk), cfg.temperature),
+                packed.completion_ids[chunk],
+            )
+            values.append(mx.stop_gradient(logprobs))
+            mx.eval(values[-1])
+        return mx.concatenate(values)
 
-    # With mu > 1 the ratio is against the policy that generated the batch, held fixed.
-    old_logprobs = no_grad_logprobs(model) if cfg.num_iterations > 1 else None
+    # With one optimizer step per batch the ratio is 1 (old = current, detached), as in TRL.
+    multi_step = cfg.num_iterations * parts > 1
+    old_logprobs = no_grad_logprobs(model) if multi_step else None
     ref_logprobs = no_grad_logprobs(ref_model) if cfg.beta != 0.0 else None
     loss_and_grad = nn.value_and_grad(model, _loss_fn)
+    token_counts = packed.completion_mask.sum(axis=1)
 
-    totals: dict[str, float] = {}
+    steps: list[dict[str, float]] = []
+    weighted: dict[str, list[tuple[float, float]]] = {}
+    per_chunk: dict[str, list[float]] = {"clip_ratio/low_mean": [], "clip_ratio/high_mean": []}
     for _ in range(cfg.num_iterations):
-        grads, loss_sum, sums = None, 0.0, {}
-        for rows in chunks:
-            scale = 1.0 if cfg.loss_type == "dapo" else (rows.stop - rows.start) / n_rows
-            (loss, metrics), chunk_grads = loss_and_grad(
-                model,
-                _rows(packed, rows),
-                None if old_logprobs is None else old_logprobs[rows],
-                advantages[rows],
-                None if ref_logprobs is None else ref_logprobs[rows],
-                cfg,
-                num_items,
-                scale,
+        for rows in step_rows:
+            step_tokens = token_counts[mx.array(rows)].sum().item()
+            grads, step_loss = None, 0.0
+            for chunk in chunks_of(rows):
+                chunk_tokens = token_counts[chunk].sum().item()
+                scale = _chunk_scale(
+                    cfg.loss_type, chunk.size, len(rows), chunk_tokens, step_tokens
+                )
+                (loss, metrics), chunk_grads = loss_and_grad(
+                    model,
+                    _rows(packed, chunk),
+                    None if old_logprobs is None else old_logprobs[chunk],
+                    advantages[chunk],
+                    None if ref_logprobs is None else ref_logprobs[chunk],
+                    cfg,
+                    num_items,
+                    scale,
+                )
+                grads = chunk_grads if grads is None else _tree_add(grads, chunk_grads)
+                mx.eval(grads, loss, metrics)
+                step_loss += loss.item()
+                sequence_level = cfg.importance_sampling_level == "sequence"
+                for name, value in metrics.items():
+                    value = value.item()
+                    if name in per_chunk:
+                        per_chunk[name].append(value)
+                    row_weighted = sequence_level and name in _CLIP_METRICS
+                    weight = float(chunk.size) if row_weighted else chunk_tokens
+                    weighted.setdefault(name, []).append((value, weight))
+            if cfg.max_grad_norm > 0:
+                grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            else:
+                grad_norm = mx.sqrt(sum((g * g).sum() for g in _leaves(grads)))
+            learning_rate = optimizer.learning_rate.item()
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state)
+            steps.append(
+                {"loss": step_loss, "grad_norm": grad_norm.item(), "learning_rate": learning_rate}
             )
-            grads = chunk_grads if grads is None else _tree_add(grads, chunk_grads)
-            mx.eval(grads, loss, metrics)
-            loss_sum += loss.item()
-            weight = (rows.stop - rows.start) / n_rows
-            for name, value in metrics.items():
-                sums[name] = sums.get(name, 0.0) + value.item() * weight
-        if cfg.max_grad_norm > 0:
-            grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        else:
-            grad_norm = mx.sqrt(sum((g * g).sum() for g in _leaves(grads)))
-        learning_rate = optimizer.learning_rate.item()
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        step_metrics = {
-            "loss": loss_sum,
-            "grad_norm": grad_norm.item(),
-            "learning_rate": learning_rate,
-            **sums,
-        }
-        for name, value in step_metrics.items():
-            totals[name] = totals.get(name, 0.0) + value / cfg.num_iterations
-    return totals
+
+    results = {
+        "loss": float(np.mean([s["loss"] for s in steps])),
+        "grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
+        "learning_rate": steps[-1]["learning_rate"],
+        "optimizer_steps": float(len(steps)),
+    }
+    for name, pairs in weighted.items():
+        total_weight = sum(w for _, w in pairs)
+        results[name] = (
+            sum(v * w for v, w in pairs) / total_weight
+            if total_weight > 0
+            else float(np.mean([v for v, _ in pairs]))
+        )
+    results["clip_ratio/low_min"] = min(per_chunk["clip_ratio/low_mean"])
+    results["clip_ratio/high_max"] = max(per_chunk["clip_ratio/high_mean"])
+    return results
 
 
 def _leaves(tree):

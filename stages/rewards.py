@@ -8,10 +8,17 @@ never turned into a silent 0: it stops scoring with an error naming the function
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import importlib
+import inspect
+import json
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -33,16 +40,94 @@ class RewardError(RuntimeError):
     """A reward function failed or returned something unusable."""
 
 
+ON_ERROR = ("raise", "none")
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER_OR_FRACTION = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
+_BOXED = "\\boxed{"
+_FRACTION = re.compile(r"^(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)$")
+_LATEX_FRACTION = re.compile(r"^(-?)\\d?frac\{(-?\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}$")
 
 
 def _normalize_number(text: str) -> str | None:
-    text = text.replace(",", "").strip()
-    try:
-        value = float(text)
-    except ValueError:
+    """Canonical form of a number written like "1,000", "3.50", "$42", "7.", "50%", "-0"."""
+    value = parse_number(text)
+    if value is None:
         return None
-    return str(int(value)) if value == int(value) else str(value)
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def parse_number(text: str) -> float | None:
+    """A float from a number as people write answers, or None.
+
+    Accepts thousands separators ("1,000"), trailing zeros ("3.50"), a leading "$" or trailing
+    "%", a trailing period, surrounding spaces or `$...$`, and fractions ("3/4", "\frac{3}{4}").
+    """
+    text = text.strip().strip("$").strip()
+    text = text.replace("\\$", "").replace("\\%", "%").replace("\\!", "").replace("{,}", ",")
+    text = text.rstrip(".").rstrip("%").replace(",", "").replace(" ", "").lstrip("$")
+    fraction = _FRACTION.match(text) or None
+    latex = _LATEX_FRACTION.match(text)
+    try:
+        if latex:
+            sign = -1.0 if latex.group(1) else 1.0
+            return sign * float(latex.group(2)) / float(latex.group(3))
+        if fraction:
+            return float(fraction.group(1)) / float(fraction.group(2))
+        value = float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\boxed{...}` in text (balanced braces), or None."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer written in a completion or a reference: the last `\boxed{}`, else the
+    text after the last "####" (GSM8K), else the last `<answer>...</answer>`, else the last
+    number. None when there is none."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0].strip() if tail else None
+    tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
+    if tagged:
+        return tagged[-1].strip()
+    numbers = _NUMBER_OR_FRACTION.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def answers_match(predicted: str | None, expected: str | None) -> bool:
+    """Numerically equal when both are numbers (1e-6 relative), else equal as stripped text."""
+    if predicted is None or expected is None:
+        return False
+    got, want = parse_number(predicted), parse_number(expected)
+    if got is not None and want is not None:
+        return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+    if got is None and want is not None:
+        # "The answer is 42 apples" inside <answer> or \boxed{}: compare its last number.
+        numbers = _NUMBER.findall(predicted)
+        got = parse_number(numbers[-1]) if numbers else None
+        return got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+    canon = lambda s: " ".join(s.strip().rstrip(".").split()).lower()  # noqa: E731
+    return canon(predicted) == canon(expected)
 
 
 @register("exact_answer")
@@ -74,6 +159,109 @@ def gsm8k_answer(prompts: list[str], completions: list[str], answer: list[str], 
     return rewards
 
 
+@register("math_answer")
+def math_answer(prompts: list[str], completions: list[str], answer: list[str], **_) -> list:
+    """Math correctness: 1.0 when the completion's final answer equals the reference's.
+
+    Both sides go through `extract_answer` (last `\boxed{}`, else after "####", else inside
+    `<answer>` tags, else the last number); numbers compare by value ("1,000" == "1000",
+    "3.50" == "3.5", "\frac{1}{2}" == "0.5"), anything else as case-folded text.
+    """
+    return [
+        float(answers_match(extract_answer(c), extract_answer(str(a)) or str(a).strip()))
+        for c, a in zip(completions, answer)
+    ]
+
+
+_THINK_TRL = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
+_FORMAT_STRICT = re.compile(
+    r"^<think>\n(?:(?!</?think>).)*?\n</think>\n<answer>\n(?:(?!</?answer>).)*?\n</answer>\n?$",
+    re.DOTALL,
+)
+_FORMAT_SOFT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+@register("think_format")
+def think_format(prompts: list[str], completions: list[str], **_) -> list:
+    """TRL's think_format_reward: 1.0 when the completion starts with one `<think>...</think>`."""
+    return [float(bool(_THINK_TRL.match(c))) for c in completions]
+
+
+@register("format_strict")
+def format_strict(prompts: list[str], completions: list[str], **_) -> list:
+    """1.0 for exactly "<think>\n...\n</think>\n<answer>\n...\n</answer>" (one of each, nothing
+    around them but a final newline), else 0.0."""
+    return [float(bool(_FORMAT_STRICT.match(c))) for c in completions]
+
+
+@register("format_soft")
+def format_soft(prompts: list[str], completions: list[str], **_) -> list:
+    """1.0 when the completion contains "<think>...</think>" followed by "<answer>...</answer>"
+    (any whitespace, any text around them), else 0.0."""
+    return [float(bool(_FORMAT_SOFT.search(c))) for c in completions]
+
+
+@register("length")
+def length(
+    prompts: list[str],
+    completions: list[str],
+    completion_ids: list[list[int]] | None = None,
+    *,
+    target: int | None = None,
+    max_length: int | None = None,
+    cache: int = 0,
+    **_,
+) -> list:
+    """Length in completion tokens (characters when no token ids are given). Set one of:
+
+    target=n: 1 - |length - n| / n, floored at 0 (1.0 exactly on target);
+    max_length=L (and cache=C): DAPO's soft overlong punishment, 0 up to L - C tokens, then
+    falling linearly to -1 at L, and -1 beyond.
+    """
+    _check_length_settings(target=target, max_length=max_length, cache=cache)
+    sizes = [len(ids) for ids in completion_ids] if completion_ids else list(map(len, completions))
+    if target is not None:
+        return [max(0.0, 1.0 - abs(n - target) / target) for n in sizes]
+    limit = max_length - cache
+    return [
+        0.0 if n <= limit else (-1.0 if n > max_length else (limit - n) / max(cache, 1))
+        for n in sizes
+    ]
+
+
+def _check_length_settings(target=None, max_length=None, cache=0) -> None:
+    if (target is None) == (max_length is None):
+        raise ValueError("length needs exactly one of target or max_length")
+    if target is not None and target < 1:
+        raise ValueError(f"length target must be >= 1, got {target}")
+    if max_length is not None and not 0 <= cache < max_length:
+        raise ValueError(f"length cache must be in [0, max_length), got {cache}")
+
+
+length.check_settings = _check_length_settings
+
+_FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL)
+
+
+@register("valid_json")
+def valid_json(prompts: list[str], completions: list[str], **_) -> list:
+    """1.0 when the completion (stripped; a ```json fence around it is allowed) is one JSON
+    object or array, else 0.0."""
+    rewards = []
+    for completion in completions:
+        text = completion.strip()
+        fenced = _FENCE.match(text)
+        if fenced:
+            text = fenced.group(1).strip()
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            rewards.append(0.0)
+            continue
+        rewards.append(float(isinstance(value, (dict, list))))
+    return rewards
+
+
 def resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
     """(name, function) for a registry name, an import path `pkg.module.fn`, or a callable."""
     if callable(spec):
@@ -95,73 +283,299 @@ def resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
     return attribute, fn
 
 
+def bind(fn: RewardFunc, settings: dict | None, name: str | None = None) -> RewardFunc:
+    """`fn` with keyword settings fixed (e.g. length's target). Unknown names are an error."""
+    settings = settings or {}
+    check = getattr(fn, "check_settings", None)
+    if not settings:
+        if check is not None:
+            check()
+        return fn
+    label = name or getattr(fn, "__name__", "reward")
+    parameters = inspect.signature(fn).parameters
+    # Built-ins swallow dataset columns with **_, so only their named parameters are settings.
+    builtin = fn in REGISTRY.values()
+    accepts_any = not builtin and any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+    unknown = [key for key in settings if key not in parameters]
+    if unknown and not accepts_any:
+        raise ValueError(
+            f"reward {label} has no setting {unknown[0]!r}; its parameters are "
+            f"{[p for p in parameters if p not in ('prompts', 'completions')]}"
+        )
+    if check is not None:
+        check(**settings)
+    bound = functools.partial(fn, **settings)
+    functools.update_wrapper(bound, fn)
+    return bound
+
+
+def required_columns(fn: RewardFunc) -> list[str]:
+    """Dataset columns a reward function needs: its parameters without defaults, other than
+    prompts, completions and completion_ids (TRL passes those)."""
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    bound = fn.keywords if isinstance(fn, functools.partial) else {}
+    names = []
+    for name, parameter in inspect.signature(target).parameters.items():
+        if name in ("prompts", "completions", "completion_ids") or name in bound:
+            continue
+        if parameter.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
+        if parameter.default is inspect.Parameter.empty:
+            names.append(name)
+    return names
+
+
+@dataclass
+class RewardFailure:
+    """One reward function failing on one sample (or the whole batch: sample None)."""
+
+    function: str
+    sample: int | None
+    error: str
+    prompt: str = ""
+    completion: str = ""
+
+    def describe(self) -> str:
+        """One line: "reward function f raised KeyError: 'x' on sample 3 (prompt ..., ...)"."""
+        where = "the whole batch" if self.sample is None else f"sample {self.sample}"
+        text = f"reward function {self.function} {self.error} on {where}"
+        if self.sample is not None:
+            text += f" (prompt {self.prompt[:60]!r}, completion {self.completion[:60]!r})"
+        return text
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _is_async(fn) -> bool:
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    if inspect.iscoroutinefunction(target):
+        return True
+    return not inspect.isroutine(target) and inspect.iscoroutinefunction(type(target).__call__)
+
+
+def _run_coroutine(coroutine):
+    """asyncio.run, also from inside a running event loop (then on a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def _call(fn, kwargs: dict, timeout: float | None):
+    """One call of a reward function with an optional time limit (raises _Timeout).
+
+    Async functions are awaited under asyncio.wait_for. A sync function with a time limit runs
+    on a daemon thread; when it overruns, the run moves on without it (Python cannot stop a
+    thread), so its result is discarded.
+    """
+    if _is_async(fn):
+
+        async def limited():
+            try:
+                return await asyncio.wait_for(fn(**kwargs), timeout)
+            except TimeoutError:
+                raise _Timeout() from None
+
+        return _run_coroutine(limited())
+    if timeout is None:
+        result = fn(**kwargs)
+        if inspect.isawaitable(result):
+            return _run_coroutine(_await(result))
+        return result
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = fn(**kwargs)
+        except BaseException as error:  # re-raised on the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, daemon=True, name="reward-call")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _Timeout()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def _values(name: str, values, n: int) -> list[float]:
+    try:
+        values = list(values)
+    except TypeError:
+        raise RewardError(
+            f"reward function {name} returned {type(values).__name__}; expected a list"
+        ) from None
+    if len(values) != n:
+        raise RewardError(
+            f"reward function {name} returned {len(values)} values for {n} completions"
+        )
+    column = []
+    for i, value in enumerate(values):
+        if value is None:
+            column.append(math.nan)
+            continue
+        try:
+            column.append(float(value))
+        except (TypeError, ValueError):
+            raise RewardError(
+                f"reward function {name} returned {value!r} for sample {i}; "
+                "expected a number or None"
+            ) from None
+    return column
+
+
+def run_rewards(
+    batch,
+    reward_funcs: Sequence[RewardFunc],
+    names: Sequence[str] | None = None,
+    *,
+    timeout: float | None = None,
+    on_error: str = "raise",
+) -> tuple[mx.array, list[RewardFailure]]:
+    """Every reward function on the batch: ((N, F) float32 scores, NaN where None; failures).
+
+    Functions get TRL's arguments: prompts, completions, completion_ids (token ids without
+    padding) and the dataset columns. When a call raises, it is repeated one sample at a time to
+    find the samples that fail. on_error="raise" stops with a RewardError naming the function
+    and the first failing sample; on_error="none" records None for the failing samples (all of
+    them when the call timed out) and returns one RewardFailure per failure.
+    A function that returns the wrong number of values or non-numbers always raises.
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error {on_error!r} is not one of {', '.join(ON_ERROR)}")
+    n = len(batch.texts)
+    names = (
+        list(names)
+        if names is not None
+        else [getattr(fn, "__name__", repr(fn)) for fn in reward_funcs]
+    )
+    completion_ids = _completion_ids(batch)
+    columns, failures = [], []
+    for fn, name in zip(reward_funcs, names):
+        kwargs = dict(
+            prompts=batch.prompt_texts,
+            completions=batch.texts,
+            completion_ids=completion_ids,
+            **batch.columns,
+        )
+        try:
+            columns.append(_values(name, _call(fn, kwargs, timeout), n))
+            continue
+        except RewardError:
+            raise
+        except _Timeout:
+            failure = RewardFailure(name, None, f"timed out after {timeout:g}s")
+            if on_error == "raise":
+                raise RewardError(
+                    failure.describe() + "; increase reward.timeout or make it faster"
+                ) from None
+            failures.append(failure)
+            columns.append([math.nan] * n)
+            continue
+        except Exception as error:
+            batch_error = error
+        column, found = _per_sample(fn, name, batch, kwargs, timeout, batch_error)
+        if on_error == "raise":
+            first = found[0] if found else RewardFailure(name, None, _describe(batch_error))
+            raise RewardError(first.describe()) from batch_error
+        failures.extend(found)
+        columns.append(column)
+    scores = mx.array(columns, dtype=mx.float32).T.reshape(n, len(reward_funcs))
+    return scores, failures
+
+
+def _describe(error: BaseException) -> str:
+    return f"raised {type(error).__name__}: {error}"
+
+
+def _per_sample(fn, name, batch, kwargs, timeout, batch_error):
+    """Call fn on each sample alone to find which ones fail; (column, failures)."""
+    n = len(batch.texts)
+    column, failures = [], []
+    for i in range(n):
+        single = {
+            k: [v[i]] if isinstance(v, list) and len(v) == n else v for k, v in kwargs.items()
+        }
+        try:
+            column.extend(_values(name, _call(fn, single, timeout), 1))
+            continue
+        except RewardError:
+            raise
+        except _Timeout:
+            message = f"timed out after {timeout:g}s"
+        except Exception as error:
+            message = _describe(error)
+        column.append(math.nan)
+        failures.append(RewardFailure(name, i, message, batch.prompt_texts[i], batch.texts[i]))
+    if not failures:  # fails on the batch only: blame the batch
+        failures.append(RewardFailure(name, None, _describe(batch_error)))
+        column = [math.nan] * n
+    return column, failures
+
+
+def _completion_ids(batch) -> list[list[int]]:
+    ids = getattr(batch, "completion_ids", None)
+    mask = getattr(batch, "completion_mask", None)
+    if ids is None or mask is None:
+        return [[] for _ in batch.texts]
+    lengths = mx.array(mask).sum(axis=1).astype(mx.int32).tolist()
+    return [row[:n] for row, n in zip(mx.array(ids).tolist(), lengths)]
+
+
 def score(batch, reward_funcs: Sequence[RewardFunc], weights: Sequence[float]) -> mx.array:
     """Run every reward function on the batch. Returns (N, n_funcs) float32, NaN where None.
 
     `batch` is a RolloutBatch (prompt_texts, texts, columns). `weights` must match
     `reward_funcs` one to one; they are applied by `combine`, not here, so per-function
-    metrics stay unweighted as in TRL.
+    metrics stay unweighted as in TRL. Any failure raises RewardError (see `run_rewards`).
     """
     if len(weights) != len(reward_funcs):
         raise ValueError(f"{len(weights)} reward weights for {len(reward_funcs)} reward functions")
-    columns = []
-    for fn in reward_funcs:
-        name = getattr(fn, "__name__", repr(fn))
-        try:
-            values = fn(prompts=batch.prompt_texts, completions=batch.texts, **batch.columns)
-        except Exception as error:
-            raise RewardError(
-                f"reward function {name} raised {type(error).__name__}: {error}"
-            ) from error
-        values = list(values)
-        if len(values) != len(batch.texts):
-            raise RewardError(
-                f"reward function {name} returned {len(values)} values for {len(batch.texts)} "
-                "completions"
-            )
-        column = []
-        for i, value in enumerate(values):
-            if value is None:
-                column.append(math.nan)
-                continue
-            try:
-                column.append(float(value))
-            except (TypeError, ValueError):
-                raise RewardError(
-                    f"reward function {name} returned {value!r} for sample {i}; "
-                    "expected a number or None"
-                ) from None
-        columns.append(column)
-    return mx.array(columns, dtype=mx.float32).T.reshape(len(batch.texts), len(reward_funcs))
+    return run_rewards(batch, reward_funcs)[0]
 
 
 def combine(rewards: mx.array, weights: Sequence[float]) -> mx.array:
-    """Weighted sum over functions, ignoring NaN (TRL's nansum). (N, F) -> (N,)."""
+    """Weighted sum over functions, ignoring NaN (TRL's nansum). (N, F) -> (N,).
+
+    A row where every function returned None sums to 0 here; advantages leave such rows out.
+    """
     weighted = rewards * mx.array(weights, dtype=mx.float32)[None, :]
     return mx.where(mx.isnan(weighted), 0.0, weighted).sum(axis=1)
 
 
 def reward_metrics(
-    rewards: mx.array, names: Sequence[str], weights: Sequence[float], group_size: int
+    rewards: mx.array, names: Sequence[str], weights: Sequence[float], group_size: int = 0
 ) -> dict[str, float]:
     """TRL's reward metrics for an (N, F) score matrix (NaN = None).
 
-    reward: mean of the weighted total; reward_std: mean over groups of the total's std;
-    rewards/<fn>/mean and /std: per function, ignoring None; frac_reward_zero_std: fraction of
-    groups whose completions all got the same total (no learning signal).
+    reward / reward_std: mean and std (ddof=1) over the batch of the weighted total, leaving out
+    rows where every function returned None; rewards/<fn>/mean and /std: per function,
+    ignoring None. (frac_reward_zero_std comes with the advantages: it depends on the std used.)
+    `group_size` is accepted for compatibility and unused.
     """
     import numpy as np
 
     matrix = np.array(rewards, dtype=np.float64)
     total = np.array(combine(rewards, weights), dtype=np.float64)
-    group_std = total.reshape(-1, group_size).std(axis=1, ddof=1)
+    total = total[~np.isnan(matrix).all(axis=1)]
     metrics = {
-        "reward": float(total.mean()),
-        "reward_std": float(group_std.mean()),
-        "frac_reward_zero_std": float(np.isclose(group_std, 0.0).mean()),
+        "reward": float(total.mean()) if total.size else math.nan,
+        "reward_std": float(total.std(ddof=1)) if total.size > 1 else math.nan,
     }
     for i, name in enumerate(names):
         column = matrix[:, i][~np.isnan(matrix[:, i])]
         metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.size else math.nan
-        metrics[f"rewards/{name}/std"] = float(column.std(ddof=1)) if column.size > 1 else 0.0
+        metrics[f"rewards/{name}/std"] = float(column.std(ddof=1)) if column.size > 1 else math.nan
     return metrics

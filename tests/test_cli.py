@@ -115,7 +115,7 @@ def test_resume_latest_continues_from_the_checkpoint(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_before_loading(tmp_path, overrides, fragment):
-    (tmp_path / "data.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
+    (tmp_path / "data.jsonl").write_text('{"question": "1+1=", "gold": "2"}\n')
     overrides = [o.replace("DATA", str(tmp_path / "data.jsonl")) for o in overrides]
     if overrides[0].startswith("reward.funcs.made_up"):
         overrides = ["+" + overrides[0]]
@@ -138,3 +138,62 @@ def test_quickstart_default_run_learns(tmp_path):
     rewards = [h["reward"] for h in state["history"]]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last - first >= 0.3, (first, last)
+
+
+REWARD_MODULE = """
+def flaky(prompts, completions, **kwargs):
+    if any(c.startswith("1") for c in completions):
+        raise ValueError("no ones")
+    return [0.0] * len(completions)
+"""
+
+
+def test_objective_options_eval_and_reward_failures_end_to_end(tmp_path):
+    """steps_per_generation, truncation masking, GDPO aggregation, a custom reward that fails
+    on some samples (recorded as None and reported), and an eval every 2 steps and at the end."""
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    result = run_grpo(
+        tmp_path,
+        *SHRUNK,
+        "checkpoint.every=4",
+        "train.steps_per_generation=2",
+        "train.mask_truncated_completions=true",
+        "train.multi_objective_aggregation=normalize_then_sum",
+        "+reward.funcs.flaky._target_=my_rewards.flaky",
+        "reward.on_error=none",
+        "data.eval_size=8",
+        "eval.every=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: step 0: reward function flaky raised ValueError: no ones on sample" in (
+        result.stderr
+    )
+    client, runs = _mlflow_run(tmp_path)
+    run = runs[0]
+    for metric in (
+        "eval/reward",
+        "eval/accuracy",
+        "eval/rewards/exact_answer/mean",
+        "eval/rewards/flaky/mean",
+        "clip_ratio/low_min",
+        "clip_ratio/high_max",
+        "rewards/flaky/failures",
+    ):
+        assert metric in run.data.metrics, metric
+    assert run.data.metrics["optimizer_steps"] == 2
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy"))
+    assert steps == [2, 4]
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert tables == {"eval/step_000002.json", "eval/step_000004.json"}
+
+
+def test_failing_reward_stops_with_function_and_sample(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE.replace('startswith("1")', "strip()"))
+    result = run_grpo(
+        tmp_path, *SHRUNK, "+reward.funcs.flaky._target_=my_rewards.flaky", timeout=200
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: reward function flaky raised ValueError: no ones on sample"), (
+        last
+    )

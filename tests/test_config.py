@@ -50,6 +50,21 @@ def test_overrides_apply_and_flatten():
         (["rollout.temperature=-1"], "rollout.temperature=-1.0 is invalid"),
         (["+experiment=nope"], "Could not find 'experiment/nope'"),
         (["+reward.funcs.made_up.weight=1"], "reward.funcs.made_up"),
+        (
+            ["train.multi_objective_aggregation=mean"],
+            "train.multi_objective_aggregation='mean' is invalid",
+        ),
+        (["train.importance_sampling_level=word"], "train.importance_sampling_level='word'"),
+        (["train.delta=0.5"], "train.delta=0.5 is invalid: expected null or > 1"),
+        (["train.steps_per_generation=5"], "a divisor of the 64 rows of a generation batch"),
+        (["reward.weights=[1.0,2.0]"], "reward.weights has 2 values for 1 reward functions"),
+        (["reward.on_error=ignore"], "reward.on_error='ignore' is invalid"),
+        (["reward.timeout=0"], "reward.timeout=0.0 is invalid"),
+        (["+reward.funcs.length.kwargs.tagret=3"], "reward.funcs.length.kwargs is invalid"),
+        (["+reward.funcs.length.weight=1"], "length needs exactly one of target or max_length"),
+        (["data.eval_size=-1"], "data.eval_size=-1 is invalid"),
+        (["eval.accuracy_reward=nope"], "eval.accuracy_reward='nope' is invalid"),
+        (["eval.num_samples=0"], "eval.num_samples=0 is invalid"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragment):
@@ -58,3 +73,22 @@ def test_bad_config_is_one_line_naming_the_key(overrides, fragment):
     message = str(error.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_new_objective_keys_compose():
+    cfg = compose(
+        [
+            "train.steps_per_generation=2",
+            "train.multi_objective_aggregation=normalize_then_sum",
+            "train.mask_truncated_completions=true",
+            "+reward.funcs.length.kwargs.target=3",
+            "+reward.funcs.format_soft.weight=0.5",
+            "reward.on_error=none",
+            "reward.timeout=5",
+            "data.eval_size=32",
+            "eval.every=50",
+        ]
+    )
+    assert list(cfg.reward.funcs) == ["exact_answer", "length", "format_soft"]
+    assert cfg.reward.funcs["length"].kwargs == {"target": 3}
+    assert cfg.train.steps_per_generation == 2 and cfg.data.eval_size == 32

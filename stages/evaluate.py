@@ -1,0 +1,135 @@
+"""Evaluation on held-out prompts: greedy (or sampled, pass@k) completions, scored by the
+training reward functions.
+
+The core is pure: prompts (token ids) and their dataset rows in, metrics and a table of example
+completions out. Generation is `stages.rollout.generate_rollouts`: greedy is temperature 0 and
+one completion per prompt; sampling draws `num_samples` completions per prompt at the rollout
+temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from stages import rewards
+from stages.rollout import RolloutConfig, generate_rollouts
+
+import numpy as np
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 1  # 1: greedy; k > 1: k sampled completions per prompt, pass@k
+    batch_size: int = 16  # prompts per generate call
+    accuracy_reward: str | None = None  # reward whose value >= threshold counts as correct
+    accuracy_threshold: float = 1.0
+    table_rows: int = 16  # example completions kept for the table
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # eval/* names
+    table: dict[str, list]  # columns of example completions
+    failures: list  # RewardFailure records (reward.on_error=none)
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples with `correct` right (Chen et al. 2021)."""
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.prod((n - correct - i) / (n - i) for i in range(k))
+
+
+def evaluate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    rows: list[dict],
+    reward_funcs: list,
+    names: list[str],
+    weights: list[float],
+    rollout_cfg: RolloutConfig,
+    cfg: EvalConfig,
+    *,
+    timeout: float | None = None,
+    on_error: str = "raise",
+) -> EvalResult:
+    """Generate on every prompt (one dataset row each) and score with the reward functions.
+
+    Metrics: eval/reward (mean weighted total), eval/reward_std, eval/rewards/<fn>/mean and /std,
+    eval/accuracy (fraction of completions whose `accuracy_reward`, default the first function,
+    is >= the threshold), eval/pass@k when num_samples = k > 1 (fraction of prompts with at
+    least one correct completion), and eval/completions/* lengths.
+    """
+    if len(prompts) != len(rows) or not prompts:
+        raise ValueError(f"evaluate needs one row per prompt, got {len(prompts)} and {len(rows)}")
+    if cfg.num_samples < 1:
+        raise ValueError(f"eval num_samples must be >= 1, got {cfg.num_samples}")
+    accuracy_name = cfg.accuracy_reward or names[0]
+    if accuracy_name not in names:
+        raise ValueError(f"eval accuracy_reward {accuracy_name!r} is not one of {names}")
+    greedy = cfg.num_samples == 1
+    generation = replace(
+        rollout_cfg,
+        group_size=cfg.num_samples,
+        temperature=0.0 if greedy else rollout_cfg.temperature,
+    )
+    score_parts, lengths, stopped, prompt_texts, texts = [], [], [], [], []
+    failures = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        batch = generate_rollouts(
+            model,
+            tokenizer,
+            prompts[start : start + cfg.batch_size],
+            replace(generation, seed=generation.seed + start),
+        )
+        batch.with_columns(rows[start : start + cfg.batch_size])
+        scores, found = rewards.run_rewards(
+            batch, reward_funcs, names, timeout=timeout, on_error=on_error
+        )
+        failures.extend(found)
+        score_parts.append(np.array(scores, dtype=np.float64))
+        lengths.append(np.array(batch.completion_mask.sum(axis=1)))
+        stopped.extend(reason == "stop" for reason in batch.finish_reasons)
+        prompt_texts.extend(batch.prompt_texts)
+        texts.extend(batch.texts)
+    matrix = np.concatenate(score_parts)
+    total = np.where(np.isnan(matrix), 0.0, matrix * np.array(weights)[None, :]).sum(axis=1)
+    scored = ~np.isnan(matrix).all(axis=1)
+    correct = np.nan_to_num(matrix[:, names.index(accuracy_name)], nan=-np.inf) >= (
+        cfg.accuracy_threshold
+    )
+
+    metrics = {
+        "eval/reward": float(total[scored].mean()) if scored.any() else math.nan,
+        "eval/reward_std": float(total[scored].std(ddof=1)) if scored.sum() > 1 else math.nan,
+        "eval/accuracy": float(correct.mean()),
+        "eval/num_prompts": float(len(prompts)),
+    }
+    for i, name in enumerate(names):
+        column = matrix[:, i][~np.isnan(matrix[:, i])]
+        metrics[f"eval/rewards/{name}/mean"] = float(column.mean()) if column.size else math.nan
+        metrics[f"eval/rewards/{name}/std"] = (
+            float(column.std(ddof=1)) if column.size > 1 else math.nan
+        )
+    if not greedy:
+        k = cfg.num_samples
+        per_prompt = correct.reshape(-1, k).sum(axis=1)
+        metrics[f"eval/pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in per_prompt]))
+    all_lengths = np.concatenate(lengths)
+    stopped_mask = np.array(stopped)
+    metrics["eval/completions/mean_length"] = float(all_lengths.mean())
+    metrics["eval/completions/clipped_ratio"] = float(1.0 - stopped_mask.mean())
+    if failures:
+        metrics["eval/reward_failures"] = float(len(failures))
+
+    shown = min(cfg.table_rows, len(texts))
+    table = {
+        "prompt": prompt_texts[:shown],
+        "completion": texts[:shown],
+        "reward": total[:shown].tolist(),
+        "correct": correct[:shown].tolist(),
+        **{f"rewards/{name}": matrix[:shown, i].tolist() for i, name in enumerate(names)},
+    }
+    return EvalResult(metrics, table, failures)
