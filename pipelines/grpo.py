@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     safety.quiet_stop_tracebacks()
+    safety.start_prefect_server_outside_ctrl_c()
     try:
         summary = grpo_flow(OmegaConf.to_container(OmegaConf.structured(cfg)))
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ resumed run continues exactly where the checkpoint says.
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -183,6 +184,9 @@ def latest_checkpoint(root: Path, set_aside: bool = False) -> Path | None:
         raise ValueError(f"no usable checkpoint in {root} ({problems})")
     if not set_aside:
         return found
+    for staging in Path(root).glob(".step-*.tmp-*"):
+        # Left by a save that was interrupted (the rename never happened): never a checkpoint.
+        shutil.rmtree(staging, ignore_errors=True)
     for path, problem in rejected:
         moved = checkpoint.set_aside(path)
         print(
@@ -194,6 +198,36 @@ def latest_checkpoint(root: Path, set_aside: bool = False) -> Path | None:
     elif rejected:
         print(f"warning: resuming from the previous checkpoint, {found}", file=sys.stderr)
     return found
+
+
+def start_prefect_server_outside_ctrl_c() -> None:
+    """Start Prefect's temporary server (used when PREFECT_API_URL is unset) in its own process
+    group. Ctrl-C in a terminal signals the whole foreground process group; the server would die
+    under the stopping run, which then could not record its final state. Prefect starts the
+    server with a plain Popen, so for that one call its module sees a Popen with
+    process_group=0; the server is still stopped at exit by Prefect's own atexit hook."""
+    import functools
+    import os
+    import subprocess
+    import types
+
+    from prefect.server.api import server as server_module
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
+        return
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    server = server_module.SubprocessASGIServer()
+    if server.running:
+        return
+    own_group = types.SimpleNamespace(**vars(subprocess))
+    own_group.Popen = functools.partial(subprocess.Popen, process_group=0)
+    server_module.subprocess = own_group
+    try:
+        server.start()
+    finally:
+        server_module.subprocess = subprocess
 
 
 def quiet_stop_tracebacks() -> None:
