@@ -186,3 +186,15 @@ def test_served_deployment_schedules_runs_and_completes_one(tmp_path, prefect_ap
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_summary_artifact_markdown():
+    from pipelines.report import artifact_key, summary_markdown
+
+    assert artifact_key("My Run_2") == "grpo-summary-my-run-2"
+    history = [{"step": 0, "reward": 0.25, "loss": 0.5}, {"step": 1, "reward": 0.125, "loss": 0.1}]
+    summary = {"steps": 2, "final_reward": 0.125, "checkpoint": "/o/step-00000002"}
+    text = summary_markdown(summary, history, "http://mlflow:5000/#/experiments/1/runs/abc")
+    assert "| final reward | 0.1250 |" in text and "| best reward | 0.2500 |" in text
+    assert "| checkpoint | `/o/step-00000002` |" in text
+    assert "| MLflow run | http://mlflow:5000/#/experiments/1/runs/abc |" in text
