@@ -126,6 +126,21 @@ class MlflowConfig:
 
 
 @dataclass
+class SafetyConfig:
+    max_nonfinite_steps: int = 5  # stop (with a checkpoint) after N NaN/inf steps in a row
+    mlflow_retry_seconds: float = 10.0  # while MLflow is unreachable, retry at most this often
+
+
+@dataclass
+class ScheduleConfig:
+    # Read by `python -m pipelines.schedule` only; exactly one of cron / interval.
+    cron: str | None = None  # cron string, e.g. "0 3 * * *"
+    interval: float | None = None  # seconds between runs
+    timezone: str = "UTC"  # for cron
+    name: str | None = None  # deployment name; null: run.name
+
+
+@dataclass
 class GRPOConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,6 +151,8 @@ class GRPOConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     experiment: Any = None
 
 
@@ -236,6 +253,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
         cfg.model.dtype,
         "auto | float32 | bfloat16 | float16",
     )
+    _check_ops(cfg)
     _check(bool(cfg.reward.funcs), "reward.funcs", {}, "at least one reward function")
     for name, spec in cfg.reward.funcs.items():
         _check(
@@ -273,6 +291,34 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
         f"null or one of reward.funcs ({', '.join(rw.funcs)})",
     )
     return cfg
+
+
+def _check_ops(cfg: GRPOConfig) -> None:
+    s, sch = cfg.safety, cfg.schedule
+    _check(s.max_nonfinite_steps >= 1, "safety.max_nonfinite_steps", s.max_nonfinite_steps, ">= 1")
+    _check(s.mlflow_retry_seconds > 0, "safety.mlflow_retry_seconds", s.mlflow_retry_seconds, "> 0")
+    _check(
+        sch.interval is None or sch.interval > 0, "schedule.interval", sch.interval, "> 0 seconds"
+    )
+    _check(
+        sch.cron is None or sch.interval is None,
+        "schedule.interval",
+        sch.interval,
+        "null when schedule.cron is set (one schedule per deployment)",
+    )
+    if sch.cron is not None or sch.timezone != "UTC":
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=sch.cron or "0 0 * * *", timezone=sch.timezone)
+        except ValueError as error:
+            key = "schedule.timezone" if "timezone" in str(error) else "schedule.cron"
+            expected = (
+                "an IANA time zone like Europe/Paris"
+                if key == "schedule.timezone"
+                else 'a cron string like "0 3 * * *"'
+            )
+            _check(False, key, getattr(sch, key.split(".")[1]), expected)
 
 
 def to_schema(composed: DictConfig) -> GRPOConfig:

@@ -21,7 +21,7 @@ from stages.backend import blas
 from omegaconf import OmegaConf
 from prefect import flow
 
-from pipelines import tasks
+from pipelines import report, safety, tasks
 from pipelines.config import ConfigError, GRPOConfig, compose, flatten, to_schema, to_yaml
 from pipelines.tracking import Tracker
 
@@ -85,19 +85,19 @@ def load_data(cfg: GRPOConfig) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
-def resume_point(cfg: GRPOConfig) -> Path | None:
+def resume_point(cfg: GRPOConfig, set_aside: bool = False) -> Path | None:
     """The checkpoint to resume from, per run.resume (null, "latest" or a path)."""
     root = Path(cfg.run.output_dir) / "checkpoints"
     if cfg.run.resume is None:
         return None
     if cfg.run.resume == "latest":
-        found = checkpoint.latest(root)
-        if found is None:
-            print(f"note: no checkpoint in {root} yet; starting from step 0", file=sys.stderr)
-        return found
+        return safety.latest_checkpoint(root, set_aside=set_aside)
     path = Path(cfg.run.resume)
     if not (path / checkpoint.STATE_FILE).exists():
         raise InputError(f"run.resume={path} is not a checkpoint (no {checkpoint.STATE_FILE})")
+    problem = checkpoint.validate(path)
+    if problem:
+        raise InputError(f"run.resume={path} is damaged: {problem}")
     return path
 
 
@@ -138,7 +138,7 @@ def grpo_flow(config: dict) -> dict:
     cfg = to_schema(OmegaConf.create(config))
     output_dir = Path(cfg.run.output_dir)
     ckpt_root = output_dir / "checkpoints"
-    resume_from = resume_point(cfg)
+    resume_from = resume_point(cfg, set_aside=True)
     state = checkpoint.load_state(resume_from) if resume_from else {}
 
     tracker = Tracker(
@@ -146,7 +146,10 @@ def grpo_flow(config: dict) -> dict:
         cfg.run.name,
         cfg.mlflow.tracking_uri,
         run_id=state.get("mlflow_run_id"),
+        spool=output_dir / "mlflow_spool.jsonl",
+        retry_seconds=cfg.safety.mlflow_retry_seconds,
     )
+    guard = safety.StepGuard(cfg.safety.max_nonfinite_steps)
     status = "FAILED"
     try:
         tracker.log_params(flatten(cfg))
@@ -203,7 +206,31 @@ def grpo_flow(config: dict) -> dict:
             dynamic_ncols=True,
             file=sys.stderr,
         )
+
+        def save(done: int, direct: bool = False) -> int:
+            # direct: no Prefect task (when stopping, its server may be going down too).
+            save_task = tasks.checkpoint_task.fn if direct else tasks.checkpoint_task
+            save_task(
+                model,
+                tokenizer,
+                str(ckpt_root),
+                done,
+                {
+                    "step": done,
+                    "data_position": stream.position,
+                    "seed": cfg.run.seed,
+                    "mlflow_run_id": tracker.run_id,
+                    "history": history,
+                    "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                    "optimizer": optimizer.state,
+                },
+                cfg.checkpoint.keep_last,
+            )
+            return done
+
+        guard.install()
         for step in range(start_step, t.steps):
+            guard.begin_step(step, model, optimizer, stream)
             step_start = time.perf_counter()
             batch_rows = stream.next_batch(t.prompts_per_step)
             prompts = [encode_prompt(tokenizer, row["prompt"], cfg.data) for row in batch_rows]
@@ -226,6 +253,7 @@ def grpo_flow(config: dict) -> dict:
             metrics = tasks.update_task(
                 model, optimizer, batch, advantages, update_cfg, ref_model, tracker, step
             )
+            guard.check_update(metrics, model, optimizer, tracker, step)
 
             reward = rewards.combine(scores, weights)
             seconds = time.perf_counter() - step_start
@@ -254,24 +282,9 @@ def grpo_flow(config: dict) -> dict:
                 tasks.evaluate_task(
                     model, tokenizer, eval_rows, funcs, names, weights, cfg, tracker, done
                 )
-            if done % cfg.checkpoint.every == 0 or done == t.steps:
-                tasks.checkpoint_task(
-                    model,
-                    tokenizer,
-                    str(ckpt_root),
-                    done,
-                    {
-                        "step": done,
-                        "data_position": stream.position,
-                        "seed": cfg.run.seed,
-                        "mlflow_run_id": tracker.run_id,
-                        "history": history,
-                        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                        "optimizer": optimizer.state,
-                    },
-                    cfg.checkpoint.keep_last,
-                )
-                last_saved = done
+            if done % cfg.checkpoint.every == 0 or done == t.steps or guard.stop_requested:
+                last_saved = save(done, direct=guard.stop_requested)
+            guard.raise_if_stopping(done)
         progress.close()
 
         final = checkpoint.latest(ckpt_root)
@@ -293,12 +306,23 @@ def grpo_flow(config: dict) -> dict:
         if final is not None:
             tracker.log_artifacts(final, "checkpoint")
         tracker.set_tags({f"summary.{k}": v for k, v in summary.items() if v is not None})
+        report.publish_summary(summary, history, tracker, cfg.run.name)
         status = "FINISHED"
         return summary
     except KeyboardInterrupt:
         status = "KILLED"
+        if not guard.started:
+            raise
+        guard.roll_back(model, optimizer, stream)  # abandon the step: back to its start
+        save(guard.step, direct=True)
+        raise guard.interrupted() from None
+    except safety.TrainingStopped as stopped:
+        status = "KILLED"
+        if last_saved != stopped.step:
+            save(stopped.step, direct=True)
         raise
     finally:
+        guard.uninstall()
         tracker.finish(status)
 
 
@@ -318,15 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    safety.quiet_stop_tracebacks()
+    safety.start_prefect_server_outside_ctrl_c()
     try:
         summary = grpo_flow(OmegaConf.to_container(OmegaConf.structured(cfg)))
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted; resume with: python -m pipelines.grpo "
-            f"{' '.join(overrides)} run.resume=latest",
-            file=sys.stderr,
-        )
+        print(f"\ninterrupted; {safety.resume_hint(overrides)}", file=sys.stderr)
         return 130
+    except safety.TrainingStopped as stopped:
+        print(f"\n{stopped}; checkpoint saved at step {stopped.step}", file=sys.stderr)
+        print(safety.resume_hint(overrides), file=sys.stderr)
+        return stopped.exit_code
     except rewards.RewardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ Layout of one checkpoint directory:
     tokenizer files                      -> opens with mlx_lm.load and transformers
     trainer_state.json                   -> step, data position, seeds, anything JSON
     optimizer.safetensors                -> optimizer state (AdamW moments, step)
+    manifest.json                        -> size of every file, to detect truncation
 A checkpoint is written into a temporary sibling directory and renamed into place, so a crash
 never leaves a half-written checkpoint under a real name. Nothing is pickled.
 """
@@ -24,6 +25,7 @@ from mlx_lm.utils import save_config, save_model
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+MANIFEST_FILE = "manifest.json"
 _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
@@ -71,6 +73,8 @@ def save(model: nn.Module, tokenizer, path: str | Path, *, state: dict | None = 
         flat = dict(tree_flatten(optimizer_state))
         mx.save_safetensors(str(staging / OPTIMIZER_FILE), flat)
     (staging / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    sizes = {f.name: f.stat().st_size for f in sorted(staging.iterdir()) if f.is_file()}
+    (staging / MANIFEST_FILE).write_text(json.dumps(sizes, indent=2))
     for file in staging.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -126,3 +130,84 @@ def prune(root: str | Path, keep: int) -> list[Path]:
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
     return doomed
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file is unreadable (bad header, truncated), or None."""
+    import struct
+
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                return f"{file.name} is truncated (header says {header_len} bytes, file {size})"
+            header = json.loads(handle.read(header_len))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        return f"{file.name} has no valid safetensors header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    needed = 8 + header_len + max(ends, default=0)
+    if needed != size:
+        return f"{file.name} is truncated or padded ({size} bytes, its header needs {needed})"
+    return None
+
+
+def validate(path: str | Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (one line), or None if it looks complete.
+
+    Checks the manifest's file sizes (if there is one), that every JSON file parses and that
+    every safetensors file has a valid header covering exactly its data. Reads headers only.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    manifest_file = path / MANIFEST_FILE
+    if manifest_file.exists():
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError:
+            return f"{MANIFEST_FILE} is not valid JSON"
+        for name, size in manifest.items():
+            file = path / name
+            if not file.exists():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    for name in (STATE_FILE, "config.json"):
+        if not (path / name).exists():
+            return f"{name} is missing"
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{file.name} is not valid JSON"
+    weights = sorted(path.glob("*.safetensors"))
+    if not any(f.name != OPTIMIZER_FILE for f in weights):
+        return "no model *.safetensors file"
+    for file in weights:
+        problem = _safetensors_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+def latest_valid(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under `root` that passes `validate`, and the newer ones that did
+    not, each with the reason (newest first)."""
+    rejected = []
+    for candidate in reversed(list_checkpoints(root)):
+        problem = validate(candidate)
+        if problem is None:
+            return candidate, rejected
+        rejected.append((candidate, problem))
+    return None, rejected
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a bad checkpoint to `.corrupt-<name>` so listing, pruning and resuming skip it
+    (kept for inspection, never deleted). Returns the new path."""
+    path = Path(path)
+    target = path.with_name(f".corrupt-{path.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    path.rename(target)
+    return target

@@ -31,3 +31,15 @@ def tiny(tiny_path):
     from stages.load_weights import load
 
     return load(tiny_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real Prefect server (`prefect server start`) on a loopback port, for the session.
+    Subprocesses given PREFECT_API_URL use it instead of starting a temporary one each."""
+    from servers import prefect_server
+
+    server, api = prefect_server(tmp_path_factory.mktemp("prefect-server"))
+    server.start(timeout=180)
+    yield api
+    server.stop()

@@ -1,0 +1,49 @@
+"""The run summary as a Prefect artifact: final metrics, checkpoint path, MLflow run link.
+
+Shown on the flow run's Artifacts tab in the Prefect UI (and under Artifacts, by key, across
+runs), for runs started by `pipelines.grpo` or by a `pipelines.schedule` deployment.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pipelines.tracking import Tracker
+
+
+def artifact_key(run_name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "grpo-summary-" + (re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-") or "run")
+
+
+def summary_markdown(summary: dict, history: list[dict], link: str) -> str:
+    rows = [
+        ("steps", summary.get("steps")),
+        ("final reward", _fmt(summary.get("final_reward"))),
+        ("best reward", _fmt(max((h["reward"] for h in history), default=None))),
+        ("mean reward, first 10 steps", _fmt(summary.get("reward_first10"))),
+        ("mean reward, last 10 steps", _fmt(summary.get("reward_last10"))),
+        ("final loss", _fmt(history[-1]["loss"] if history else None)),
+        ("checkpoint", f"`{summary.get('checkpoint')}`"),
+        ("MLflow run", link if link.startswith("http") else f"`{link}`"),
+    ]
+    lines = ["# GRPO run summary", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def publish_summary(summary: dict, history: list[dict], tracker: Tracker, run_name: str) -> str:
+    """Create the markdown artifact in the current flow run. Returns the markdown."""
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = summary_markdown(summary, history, tracker.link)
+    create_markdown_artifact(
+        markdown=markdown,
+        key=artifact_key(run_name),
+        description=f"GRPO run {run_name}: final metrics, checkpoint, MLflow run",
+    )
+    return markdown

@@ -1,0 +1,249 @@
+"""Crash safety for the training loop: stop cleanly on SIGTERM/Ctrl-C, skip non-finite steps.
+
+`StepGuard` is used by `grpo_flow` with one call per step boundary:
+
+    guard.begin_step(step, model, optimizer, stream)    # remember the state the step starts from
+    ... rollout, rewards, update ...
+    guard.check_update(metrics, model, optimizer, tracker, step)   # NaN/inf: roll back, count
+    ... checkpoint if due, or if guard.stop_requested ...
+    guard.raise_if_stopping(done)                        # after the save: TrainingStopped
+
+MLX arrays are immutable, so remembering the step's starting state costs no copy: it keeps
+references to the parameter and optimizer-state arrays the update replaces.
+
+Signals: the first SIGTERM or SIGINT asks the loop to finish the current step, checkpoint and
+stop; a second one abandons the step at once (KeyboardInterrupt), and the flow rolls the model,
+optimizer and data position back to the start of that step before it checkpoints. Either way a
+resumed run continues exactly where the checkpoint says.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from stages import checkpoint
+
+from mlx.utils import tree_map
+
+
+class TrainingStopped(Exception):
+    """Training stopped early, with a checkpoint. `exit_code`: 130 SIGINT, 143 SIGTERM, 3 NaN."""
+
+    def __init__(self, message: str, exit_code: int, step: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.step = step
+
+
+def _tree_refs(tree):
+    # A new container tree over the same (immutable) arrays: later in-place dict updates by the
+    # optimizer do not reach it.
+    return tree_map(lambda x: x, tree)
+
+
+class StepGuard:
+    """Signal handling and the non-finite-step rule for one training loop.
+
+    max_nonfinite_steps: stop after this many consecutive steps whose loss or gradient norm is
+    NaN or inf (each one is rolled back and skipped).
+    """
+
+    def __init__(self, max_nonfinite_steps: int):
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.signal_name: str | None = None
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.step = 0
+        self._start = None
+        self._previous: dict = {}
+
+    # -- signals -----------------------------------------------------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = name
+            print(
+                f"\n{name} received: finishing step {self.step + 1}, then saving a checkpoint "
+                "(send it again to abandon the step)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.signal_name = name
+        raise KeyboardInterrupt
+
+    def install(self) -> StepGuard:
+        # Handlers can only be installed from the main thread; elsewhere (a flow run in a
+        # worker thread) the process's default handling applies.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    # -- step state --------------------------------------------------------------------------
+
+    def begin_step(self, step: int, model, optimizer, stream) -> None:
+        """Remember what `step` starts from: trainable weights, optimizer state, data position."""
+        self.step = step
+        self._start = (
+            _tree_refs(model.trainable_parameters()),
+            _tree_refs(optimizer.state),
+            stream.position,
+        )
+
+    @property
+    def started(self) -> bool:
+        return self._start is not None
+
+    def roll_back(self, model, optimizer, stream=None) -> None:
+        """Put the model, optimizer (and data position) back to the start of the current step."""
+        params, opt_state, position = self._start
+        model.update(params)
+        optimizer.state = _tree_refs(opt_state)
+        if stream is not None:
+            stream.position = position
+
+    def check_update(self, metrics: dict, model, optimizer, tracker, step: int) -> bool:
+        """After the update: if loss or grad norm is NaN/inf, roll the update back and count it.
+
+        Returns True when the step was skipped. Raises TrainingStopped after
+        `max_nonfinite_steps` consecutive skipped steps (the model holds the last good state).
+        """
+        values = (metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0))
+        if all(math.isfinite(v) for v in values):
+            self.nonfinite_run = 0
+            return False
+        self.roll_back(model, optimizer)
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        tracker.log_metrics(
+            {
+                "nonfinite/skipped_steps": self.nonfinite_total,
+                "nonfinite/consecutive": self.nonfinite_run,
+            },
+            step,
+        )
+        print(
+            f"\nwarning: step {step + 1}: loss={values[0]} grad_norm={values[1]}; update skipped "
+            f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.nonfinite_run >= self.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"{self.nonfinite_run} consecutive steps had a NaN/inf loss or gradient "
+                f"(safety.max_nonfinite_steps={self.max_nonfinite_steps}); stopped with the last "
+                "good weights",
+                exit_code=3,
+                step=step + 1,
+            )
+        return True
+
+    def raise_if_stopping(self, done: int) -> None:
+        """After the step's checkpoint: stop if a signal asked for it."""
+        if self.signal_name is not None:
+            raise TrainingStopped(
+                f"stopped by {self.signal_name} after step {done}",
+                exit_code=143 if self.signal_name == "SIGTERM" else 130,
+                step=done,
+            )
+
+    def interrupted(self) -> TrainingStopped:
+        """The error for an abandoned step (a second signal or a KeyboardInterrupt)."""
+        name = self.signal_name or "SIGINT"
+        return TrainingStopped(
+            f"stopped by {name} during step {self.step + 1}; the step was abandoned",
+            exit_code=143 if name == "SIGTERM" else 130,
+            step=self.step,
+        )
+
+
+def latest_checkpoint(root: Path, set_aside: bool = False) -> Path | None:
+    """The newest complete checkpoint under `root`. Raises ValueError if there are checkpoints
+    but none is usable. With `set_aside` (the flow, not the preflight check), a damaged newer
+    one is reported on stderr and renamed to `.corrupt-<name>`, so it is never resumed or
+    counted by pruning in place of a good one."""
+    found, rejected = checkpoint.latest_valid(root)
+    if found is None and rejected:
+        problems = "; ".join(f"{path.name}: {problem}" for path, problem in rejected)
+        raise ValueError(f"no usable checkpoint in {root} ({problems})")
+    if not set_aside:
+        return found
+    for staging in Path(root).glob(".step-*.tmp-*"):
+        # Left by a save that was interrupted (the rename never happened): never a checkpoint.
+        shutil.rmtree(staging, ignore_errors=True)
+    for path, problem in rejected:
+        moved = checkpoint.set_aside(path)
+        print(
+            f"warning: checkpoint {path} is damaged ({problem}); moved to {moved.name}",
+            file=sys.stderr,
+        )
+    if found is None:
+        print(f"note: no checkpoint in {root} yet; starting from step 0", file=sys.stderr)
+    elif rejected:
+        print(f"warning: resuming from the previous checkpoint, {found}", file=sys.stderr)
+    return found
+
+
+def start_prefect_server_outside_ctrl_c() -> None:
+    """Start Prefect's temporary server (used when PREFECT_API_URL is unset) in its own process
+    group. Ctrl-C in a terminal signals the whole foreground process group; the server would die
+    under the stopping run, which then could not record its final state. Prefect starts the
+    server with a plain Popen, so for that one call its module sees a Popen with
+    process_group=0; the server is still stopped at exit by Prefect's own atexit hook."""
+    import functools
+    import os
+    import subprocess
+    import types
+
+    from prefect.server.api import server as server_module
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
+        return
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    server = server_module.SubprocessASGIServer()
+    if server.running:
+        return
+    own_group = types.SimpleNamespace(**vars(subprocess))
+    own_group.Popen = functools.partial(subprocess.Popen, process_group=0)
+    server_module.subprocess = own_group
+    try:
+        server.start()
+    finally:
+        server_module.subprocess = subprocess
+
+
+def quiet_stop_tracebacks() -> None:
+    """Prefect logs an exception that ends a flow with its traceback; a clean stop is not a
+    crash, so on the console it is only our one-paragraph message (the flow run's state in the
+    Prefect UI still says why it ended)."""
+    import logging
+
+    class _DropStops(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            error = record.exc_info[1] if record.exc_info else None
+            return not isinstance(error, TrainingStopped)
+
+    logging.getLogger("prefect.flow_runs").addFilter(_DropStops())
+
+
+def resume_hint(overrides: list[str]) -> str:
+    kept = [o for o in overrides if not o.startswith("run.resume=")]
+    return f"resume with: python -m pipelines.grpo {' '.join([*kept, 'run.resume=latest'])}"

@@ -1,0 +1,224 @@
+"""Crash-safety building blocks, on the real tiny model and a real SQLite MLflow store:
+checkpoint validation and fallback, the step guard (NaN rollback, signals), the MLflow spool."""
+
+import json
+import os
+import signal
+
+from stages import checkpoint, grpo_update
+from stages.grpo_update import UpdateConfig, compute_advantages
+from stages.rollout import RolloutConfig, generate_rollouts
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from pipelines import safety
+from pipelines.tracking import Tracker, flush_spool
+
+
+def _save(tiny, root, step):
+    model, tokenizer = tiny
+    optimizer = grpo_update.make_optimizer(1e-3)
+    optimizer.init(model.trainable_parameters())
+    state = {"step": step, "optimizer": optimizer.state}
+    return checkpoint.save(model, tokenizer, checkpoint.step_dir(root, step), state=state)
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda p: _truncate(p / "model.safetensors", 50), "model.safetensors has"),
+        (lambda p: _truncate(p / "optimizer.safetensors", 8), "optimizer.safetensors has"),
+        (lambda p: (p / "trainer_state.json").write_text('{"step": 4'), "trainer_state.json has"),
+        (lambda p: (p / "config.json").unlink(), "config.json is missing"),
+    ],
+)
+def test_validate_names_what_is_damaged_and_latest_valid_falls_back(
+    tiny, tmp_path, damage, problem
+):
+    root = tmp_path / "checkpoints"
+    older, newest = _save(tiny, root, 2), _save(tiny, root, 4)
+    assert checkpoint.validate(older) is None and checkpoint.validate(newest) is None
+    damage(newest)
+    assert problem in checkpoint.validate(newest)
+    found, rejected = checkpoint.latest_valid(root)
+    assert found == older and [p for p, _ in rejected] == [newest]
+
+
+def test_validate_without_manifest_still_catches_truncated_weights(tiny, tmp_path):
+    path = _save(tiny, tmp_path, 2)
+    (path / checkpoint.MANIFEST_FILE).unlink()  # e.g. a checkpoint from before manifests
+    assert checkpoint.validate(path) is None
+    _truncate(path / "model.safetensors", 10)
+    assert "model.safetensors is truncated" in checkpoint.validate(path)
+    (path / "model.safetensors").write_bytes((16).to_bytes(8, "little") + b"not json at all!")
+    assert "model.safetensors has no valid safetensors header" in checkpoint.validate(path)
+
+
+def test_latest_checkpoint_sets_damaged_ones_aside(tiny, tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    older, newest = _save(tiny, root, 2), _save(tiny, root, 4)
+    _truncate(newest / "model.safetensors", 50)
+    (root / ".step-00000006.tmp-123").mkdir()  # a save that never got renamed into place
+    assert safety.latest_checkpoint(root) == older  # preflight: reports nothing, moves nothing
+    assert newest.exists() and capsys.readouterr().err == ""
+    assert safety.latest_checkpoint(root, set_aside=True) == older
+    err = capsys.readouterr().err
+    assert "step-00000004 is damaged (model.safetensors has" in err
+    assert "resuming from the previous checkpoint" in err
+    assert not newest.exists() and (root / ".corrupt-step-00000004").is_dir()
+    assert not (root / ".step-00000006.tmp-123").exists()
+    assert checkpoint.list_checkpoints(root) == [older]
+    _truncate(older / "model.safetensors", 50)
+    with pytest.raises(ValueError, match="no usable checkpoint"):
+        safety.latest_checkpoint(root)
+
+
+def _truncate(path, nbytes):
+    path.write_bytes(path.read_bytes()[:-nbytes])
+
+
+class _Recorder:
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, metrics))
+
+
+def _batch(model, tokenizer):
+    prompts = [tokenizer.encode(t) for t in ["1+2=", "3+4="]]
+    return generate_rollouts(
+        model, tokenizer, prompts, RolloutConfig(group_size=2, max_new_tokens=3)
+    )
+
+
+def test_nonfinite_update_is_rolled_back_counted_and_stops_after_n(tiny):
+    model, tokenizer = tiny
+    batch = _batch(model, tokenizer)
+    optimizer = grpo_update.make_optimizer(1e-2)
+    good = compute_advantages(mx.array([1.0, 0.0, 0.0, 1.0]), 2, "group")
+    grpo_update.update_step(model, optimizer, batch, good, UpdateConfig())  # optimizer has state
+    guard, tracker = safety.StepGuard(max_nonfinite_steps=2), _Recorder()
+
+    class Stream:
+        position = 7
+
+    before = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    state_before = {k: np.array(v) for k, v in tree_flatten(optimizer.state)}
+    guard.begin_step(1, model, optimizer, Stream)
+    nan = mx.array([float("nan")] * 4)
+    metrics = grpo_update.update_step(model, optimizer, batch, nan, UpdateConfig())
+    assert not np.isfinite(metrics["loss"])
+    assert np.isnan(np.array(tree_flatten(model.trainable_parameters())[0][1])).any()
+    assert guard.check_update(metrics, model, optimizer, tracker, 1) is True
+    for name, value in tree_flatten(model.trainable_parameters()):
+        np.testing.assert_array_equal(np.array(value), before[name])
+    for name, value in tree_flatten(optimizer.state):
+        np.testing.assert_array_equal(np.array(value), state_before[name])
+    assert tracker.logged == [(1, {"nonfinite/skipped_steps": 1, "nonfinite/consecutive": 1})]
+
+    # A good step resets the consecutive count; the total stays.
+    guard.begin_step(2, model, optimizer, Stream)
+    metrics = grpo_update.update_step(model, optimizer, batch, good, UpdateConfig())
+    assert guard.check_update(metrics, model, optimizer, tracker, 2) is False
+    assert (guard.nonfinite_run, guard.nonfinite_total) == (0, 1)
+
+    for step in (3, 4):
+        guard.begin_step(step, model, optimizer, Stream)
+        metrics = grpo_update.update_step(model, optimizer, batch, nan, UpdateConfig())
+        if step == 3:
+            guard.check_update(metrics, model, optimizer, tracker, step)
+    with pytest.raises(safety.TrainingStopped, match="2 consecutive steps") as stopped:
+        guard.check_update(metrics, model, optimizer, tracker, 4)
+    assert stopped.value.exit_code == 3 and stopped.value.step == 5
+    assert all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.parameters()))
+
+
+def test_roll_back_restores_the_data_position(tiny):
+    model, _ = tiny
+    optimizer = grpo_update.make_optimizer(1e-2)
+
+    class Stream:
+        position = 16
+
+    guard = safety.StepGuard(5)
+    guard.begin_step(2, model, optimizer, Stream)
+    Stream.position = 20
+    guard.roll_back(model, optimizer, Stream)
+    assert Stream.position == 16
+
+
+def test_first_signal_finishes_the_step_second_abandons_it():
+    guard = safety.StepGuard(5)
+    previous = signal.getsignal(signal.SIGTERM)
+    guard.install()
+    try:
+        guard.step = 4
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.stop_requested and guard.signal_name == "SIGTERM"
+        with pytest.raises(safety.TrainingStopped, match="stopped by SIGTERM after step 5") as e:
+            guard.raise_if_stopping(5)
+        assert e.value.exit_code == 143
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert guard.interrupted().exit_code == 130
+    finally:
+        guard.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_resume_hint_replaces_run_resume():
+    hint = safety.resume_hint(["train.steps=9", "run.resume=/x"])
+    assert hint == "resume with: python -m pipelines.grpo train.steps=9 run.resume=latest"
+
+
+def test_tracker_spools_while_mlflow_is_down_and_sends_when_back(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spool = tmp_path / "out" / "mlflow_spool.jsonl"
+    tracker = Tracker("exp", "run", uri, spool=spool, retry_seconds=0.0)
+    store = tracker.client
+    tracker.log_metrics({"reward": 0.5}, 0)
+    tracker.client = MlflowClient("http://127.0.0.1:9")  # nothing listens: connection refused
+    for step in (1, 2, 3):
+        tracker.log_metrics({"reward": step / 10}, step)
+    tracker.set_tags({"note": "down"})
+    err = capsys.readouterr().err
+    assert err.count("is unreachable") == 1 and "training goes on" in err
+    lines = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "metrics"] == [1, 2, 3]
+
+    tracker.client = store  # the server is back
+    tracker.log_metrics({"reward": 0.4}, 4)
+    assert "reachable again" in capsys.readouterr().err
+    assert not spool.exists()
+    history = store.get_metric_history(tracker.run_id, "reward")
+    assert sorted((m.step, m.value) for m in history) == [
+        (0, 0.5),
+        (1, pytest.approx(0.1)),
+        (2, pytest.approx(0.2)),
+        (3, pytest.approx(0.3)),
+        (4, pytest.approx(0.4)),
+    ]
+    assert store.get_run(tracker.run_id).data.tags["note"] == "down"
+
+
+def test_spool_left_at_the_end_is_sent_by_flush(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spool = tmp_path / "mlflow_spool.jsonl"
+    tracker = Tracker("exp", "run", uri, spool=spool, retry_seconds=0.0)
+    store = tracker.client
+    tracker.client = MlflowClient("http://127.0.0.1:9")
+    tracker.log_metrics({"loss": 1.5}, 0)
+    tracker.finish("FINISHED")
+    assert "python -m pipelines.tracking flush" in capsys.readouterr().err
+    assert store.get_run(tracker.run_id).info.status == "RUNNING"
+    assert flush_spool(spool, uri) == 2
+    assert store.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [m.value for m in store.get_metric_history(tracker.run_id, "loss")] == [1.5]
