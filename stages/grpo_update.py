@@ -75,6 +75,7 @@ def group_advantages(
         raise ValueError(f"{weight_row.shape[1]} reward weights for {n_funcs} reward functions")
     if group_size < 1 or n_rows % group_size:
         raise ValueError(f"{n_rows} rewards do not split into groups of {group_size}")
+    np_errors = np.seterr(invalid="ignore", over="ignore")  # inf/NaN handled explicitly below
     unscorable = np.isnan(matrix).all(axis=1)
 
     if aggregation == "sum_then_normalize":
@@ -102,9 +103,15 @@ def group_advantages(
         total[unscorable] = np.nan
         std = np.full(n_rows, _nanstd(total) if n_rows > 1 else 0.0)
         advantages = (total - _nanmean(total)) / (std + 1e-4)
+    # NaN from None (unscorable rows, groups without two scores) means "no signal": 0. An
+    # infinite reward is a broken reward function, not "no signal": its group stays NaN so the
+    # step's loss is non-finite and the NaN guard skips and reports it.
+    broken = np.repeat(np.isinf(matrix).any(axis=1).reshape(-1, group_size).any(axis=1), group_size)
     advantages = np.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0)
+    advantages[broken] = np.nan
     is_std_zero = np.isclose(np.nan_to_num(std, nan=1.0), 0.0)
     metrics = {"frac_reward_zero_std": float(is_std_zero.mean())}
+    np.seterr(**np_errors)
     return mx.array(advantages.astype(np.float32)), metrics
 
 

@@ -122,6 +122,9 @@ def test_sigkill_after_first_checkpoint_then_resume_matches_uninterrupted(
 def test_sigterm_saves_then_damaged_newest_checkpoint_falls_back(tmp_path, prefect_api, reference):
     process = start(tmp_path, prefect_api, *TINY, GRPO_TEST_REWARD_SLEEP="0.4")
     wait_for(lambda: (checkpoints(tmp_path) / "step-00000002").is_dir(), 240, "step 2")
+    # Signal once step 3 has finished too (the progress bar says so), so the stop lands after
+    # the step-2 checkpoint whatever the machine's load: then there are two checkpoints.
+    wait_for(lambda: "3/6" in (tmp_path / "stderr.txt").read_text(), 240, "step 3")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 143
     stderr = (tmp_path / "stderr.txt").read_text()
