@@ -7,6 +7,7 @@ runs), for runs started by `pipelines.grpo` or by a `pipelines.schedule` deploym
 from __future__ import annotations
 
 import re
+import sys
 
 from pipelines.tracking import Tracker
 
@@ -41,9 +42,12 @@ def publish_summary(summary: dict, history: list[dict], tracker: Tracker, run_na
     from prefect.artifacts import create_markdown_artifact
 
     markdown = summary_markdown(summary, history, tracker.link)
-    create_markdown_artifact(
-        markdown=markdown,
-        key=artifact_key(run_name),
-        description=f"GRPO run {run_name}: final metrics, checkpoint, MLflow run",
-    )
+    try:
+        create_markdown_artifact(
+            markdown=markdown,
+            key=artifact_key(run_name),
+            description=f"GRPO run {run_name}: final metrics, checkpoint, MLflow run",
+        )
+    except Exception as error:  # noqa: BLE001  (a finished run must not fail on its report)
+        print(f"warning: Prefect summary artifact not created: {error}", file=sys.stderr)
     return markdown

@@ -81,7 +81,9 @@ class Tracker:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
         if self.spool is not None and self.spool.exists():
             self._pending = _read_spool(self.spool)
-            self._flush()
+            count = len(self._pending)
+            if self._flush():
+                print(f"note: sent {count} MLflow records left in {self.spool}", file=sys.stderr)
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException

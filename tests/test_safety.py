@@ -222,3 +222,25 @@ def test_spool_left_at_the_end_is_sent_by_flush(tmp_path, capsys):
     assert flush_spool(spool, uri) == 2
     assert store.get_run(tracker.run_id).info.status == "FINISHED"
     assert [m.value for m in store.get_metric_history(tracker.run_id, "loss")] == [1.5]
+
+
+def test_spool_left_by_a_crashed_run_is_sent_by_the_resumed_run(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spool = tmp_path / "mlflow_spool.jsonl"
+    crashed = Tracker("exp", "run", uri, spool=spool, retry_seconds=0.0)
+    store = crashed.client
+    crashed.client = MlflowClient("http://127.0.0.1:9")
+    for step in range(3):
+        crashed.log_metrics({"reward": float(step)}, step)
+    assert len(spool.read_text().splitlines()) == 3
+    run_id = crashed.run_id
+    del crashed  # killed while MLflow was down: only the spool on disk remains
+
+    resumed = Tracker("exp", "run", uri, run_id=run_id, spool=spool)
+    assert resumed.run_id == run_id
+    assert "note: sent 3 MLflow records left in" in capsys.readouterr().err
+    assert not spool.exists()
+    history = store.get_metric_history(resumed.run_id, "reward")
+    assert sorted(m.step for m in history) == [0, 1, 2]
