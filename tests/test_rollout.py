@@ -404,3 +404,37 @@ def test_bad_new_settings_fail_before_generation(tiny, bad, message):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=message):
         generate_rollouts(model, tokenizer, [[1, 2]], RolloutConfig(**bad))
+
+
+def test_rollout_settings_flow_into_rollout_config():
+    from dataclasses import asdict, fields
+
+    from pipelines.config import RolloutSettings, compose
+
+    assert {f.name for f in fields(RolloutSettings)} | {"seed"} == {
+        f.name for f in fields(RolloutConfig)
+    }
+    cfg = compose(["rollout.stop_strings=[END,'###']", "rollout.xtc_probability=0.5"])
+    rollout_cfg = RolloutConfig(seed=1, **asdict(cfg.rollout))
+    rollout_cfg.validate()
+    assert rollout_cfg.stop_strings == ["END", "###"] and rollout_cfg.xtc_probability == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("rollout.group_size=1", "expected >= 2 (advantages compare completions within a group)"),
+        ("rollout.repetition_penalty=0", "rollout.repetition_penalty=0.0 is invalid"),
+        ("rollout.presence_context_size=0", "rollout.presence_context_size=0 is invalid"),
+        ("rollout.xtc_threshold=0.9", "rollout.xtc_threshold=0.9 is invalid"),
+        ("rollout.stop_strings=['']", "rollout.stop_strings=[''] is invalid"),
+        ("rollout.max_kv_size=-2", "rollout.max_kv_size=-2 is invalid"),
+        ("rollout.logprobs_source=vllm", "rollout.logprobs_source='vllm' is invalid"),
+    ],
+)
+def test_bad_rollout_config_is_one_line_naming_the_key(override, fragment):
+    from pipelines.config import ConfigError, compose
+
+    with pytest.raises(ConfigError) as error:
+        compose([override])
+    assert fragment in str(error.value) and "\n" not in str(error.value)
