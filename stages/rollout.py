@@ -169,10 +169,15 @@ class Sampler:
     ) -> tuple[mx.array, mx.array]:
         cfg = self.cfg
         logits = self.process(logits.astype(mx.float32), history, filled)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if cfg.temperature == 0:
-            tokens = mx.argmax(logprobs, axis=-1)
-            return tokens, mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+            tokens = mx.argmax(logits, axis=-1)
+            picked = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+            return tokens, picked - mx.logsumexp(logits, axis=-1)
+        filtered = cfg.top_p < 1 or cfg.min_p > 0 or cfg.xtc_probability > 0
+        filtered = filtered or 0 < cfg.top_k < logits.shape[-1]
+        if not filtered:  # the draw normalises by itself: skip a pass over the vocabulary
+            return _draw_rows(keys, logits / cfg.temperature if cfg.temperature != 1 else logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         # mlx-lm's make_sampler order: top_p, min_p, xtc, top_k; then temperature.
         if cfg.top_p < 1:
             logprobs = apply_top_p(logprobs, cfg.top_p)
@@ -185,21 +190,31 @@ class Sampler:
             keys, coin = pairs[:, 0], _uniform_rows(pairs[:, 1])
             excluded = apply_xtc(logprobs, 1.0, cfg.xtc_threshold, self.special_tokens)
             logprobs = mx.where(coin[:, None] < cfg.xtc_probability, excluded, logprobs)
-        filtered = cfg.top_p < 1 or cfg.min_p > 0 or cfg.xtc_probability > 0
         if 0 < cfg.top_k < logprobs.shape[-1]:
             logprobs = apply_top_k(logprobs, cfg.top_k)
-            filtered = True
-        scaled = logprobs / cfg.temperature if cfg.temperature != 1 else logprobs
-        tokens = _categorical_rows(keys, scaled)
-        picked = mx.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-        if not filtered and cfg.temperature == 1:
-            return tokens, picked  # already normalised: skip a second pass over the vocab
-        return tokens, picked - mx.logsumexp(scaled, axis=-1)
+        return _draw_rows(keys, logprobs / cfg.temperature)
 
 
 _split_rows = mx.vmap(lambda key: mx.random.split(key))  # (n, 2) -> (n, 2, 2)
 _uniform_rows = mx.vmap(lambda key: mx.random.uniform(key=key))  # (n, 2) -> (n,)
-_categorical_rows = mx.vmap(lambda key, logits: mx.random.categorical(logits, key=key))
+
+
+def _draw_rows(keys: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
+    """One exact categorical draw per row from softmax(logits), by inverse CDF with the row's
+    key, and log p of the drawn token. (n, 2), (n, V) -> (n,), (n,).
+
+    One exp pass over the vocabulary gives both the draw and the normaliser; the Gumbel-max
+    draw of `mx.random.categorical` needs a random number and two logs per vocabulary entry
+    on top of the log-softmax, which dominates a CPU decode step. -inf entries are never drawn.
+    """
+    top = mx.max(logits, axis=-1, keepdims=True)
+    cdf = mx.cumsum(mx.exp(logits - top), axis=-1)
+    total = cdf[:, -1:]
+    # u < total strictly, so the first index with cdf > u exists and has p > 0
+    u = mx.minimum(_uniform_rows(keys)[:, None] * total, total * (1 - 2**-23))
+    tokens = (cdf <= u).sum(axis=-1).astype(mx.uint32)
+    picked = mx.take_along_axis(logits, tokens[:, None].astype(mx.int32), axis=-1)
+    return tokens, (picked - top - mx.log(total))[:, 0]
 
 
 def sample_next(
