@@ -75,6 +75,17 @@ class RolloutSettings:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    presence_context_size: int = 20
+    frequency_penalty: float = 0.0
+    frequency_context_size: int = 20
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    stop_strings: list[str] = field(default_factory=list)
+    max_kv_size: int = 0
+    logprobs_source: str = "sampler"
 
 
 @dataclass
@@ -246,6 +257,19 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0 disables)")
     _check(0 <= r.min_p < 1, "rollout.min_p", r.min_p, "in [0, 1)")
+    _check(r.repetition_penalty > 0, "rollout.repetition_penalty", r.repetition_penalty, "> 0")
+    for key in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
+        _check(getattr(r, key) >= 1, f"rollout.{key}", getattr(r, key), ">= 1")
+    _check(0 <= r.xtc_probability <= 1, "rollout.xtc_probability", r.xtc_probability, "in [0, 1]")
+    _check(0 <= r.xtc_threshold <= 0.5, "rollout.xtc_threshold", r.xtc_threshold, "in [0, 0.5]")
+    _check(all(r.stop_strings), "rollout.stop_strings", r.stop_strings, "non-empty strings")
+    _check(r.max_kv_size >= 0, "rollout.max_kv_size", r.max_kv_size, ">= 0 (0 = unbounded)")
+    _check(
+        r.logprobs_source in ("sampler", "policy"),
+        "rollout.logprobs_source",
+        r.logprobs_source,
+        "sampler | policy",
+    )
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", cfg.checkpoint.every, ">= 1")
     _check(
         cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -1,10 +1,20 @@
-"""Rollout: `group_size` sampled completions per prompt on mlx-lm's BatchKVCache.
+"""Rollout: `group_size` sampled completions per prompt on mlx-lm's batch KV caches.
 
-Prompts of different lengths are left-padded into one batch and prefilled once; the prefilled
-KV state is then repeated `group_size` times, so each group shares its prompt's prefix compute.
-Sampling filters are mlx-lm's (`apply_top_k`, `apply_top_p`, `apply_min_p`); the per-token
-logprobs returned are those of the distribution actually sampled from (after the filters and
-the temperature).
+Prompts of different lengths are left-padded into one batch and prefilled once (only the last
+position goes through the vocabulary head); the prefilled KV rows are then repeated
+`group_size` times with the cache's own `filter`, so each group shares its prompt's prefill.
+
+Decoding is pipelined as in mlx-lm's `generate_step`: step t+1 is queued with `mx.async_eval`
+before the host reads step t's tokens, so the device never waits for Python. Rows that finish
+(EOS, a stop string, `max_new_tokens` or the model's context) are dropped from the caches with
+`BatchKVCache.filter` once enough of them have piled up, so they stop costing compute.
+
+Sampling is vectorised over the batch with mlx-lm's pieces: its logits processors
+(repetition, presence and frequency penalties, made batched with `mx.vmap` over per-row token
+histories), its filters (`apply_top_p`, `apply_min_p`, `apply_xtc` with a per-row coin,
+`apply_top_k`, in `make_sampler`'s order), then temperature. The per-token logprobs returned
+are those of the distribution actually sampled from, or (`logprobs_source="policy"`) those of
+the training forward pass at the same temperature, as TRL computes them.
 """
 
 from __future__ import annotations
@@ -13,8 +23,19 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import BatchKVCache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    apply_xtc,
+    make_logits_processors,
+)
+
+LOGPROBS_SOURCES = ("sampler", "policy")
+PREFILL_STEP = 2048  # prompt tokens per prefill forward (bounds activation memory)
+POLICY_LOGITS_BUDGET = 1 << 27  # float32 logits per chunk when recomputing policy logprobs
 
 
 @dataclass
@@ -22,24 +43,43 @@ class RolloutConfig:
     group_size: int = 8
     max_new_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # 1 disables
     top_k: int = 0  # 0 disables
     min_p: float = 0.0  # 0 disables
+    repetition_penalty: float = 1.0  # 1 disables; divides positive logits, multiplies negative
+    repetition_context_size: int = 20  # last N tokens (prompt + completion) it looks at
+    presence_penalty: float = 0.0  # 0 disables; subtracted once per token seen
+    presence_context_size: int = 20
+    frequency_penalty: float = 0.0  # 0 disables; subtracted per occurrence
+    frequency_context_size: int = 20
+    xtc_probability: float = 0.0  # 0 disables XTC; per row and token
+    xtc_threshold: float = 0.1
+    stop_strings: list[str] = field(default_factory=list)
+    max_kv_size: int = 0  # 0: full cache; N: rotating cache holding the last N positions
+    logprobs_source: str = "sampler"  # sampler | policy
     seed: int = 0
 
     def validate(self) -> None:
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
-        if not 0 <= self.min_p < 1:
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        checks = [
+            (self.group_size >= 1, "group_size", ">= 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
+            (self.temperature >= 0, "temperature", ">= 0 (0 = greedy)"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (self.top_k >= 0, "top_k", ">= 0 (0 disables)"),
+            (0 <= self.min_p < 1, "min_p", "in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 disables)"),
+            (self.repetition_context_size >= 1, "repetition_context_size", ">= 1"),
+            (self.presence_context_size >= 1, "presence_context_size", ">= 1"),
+            (self.frequency_context_size >= 1, "frequency_context_size", ">= 1"),
+            (0 <= self.xtc_probability <= 1, "xtc_probability", "in [0, 1]"),
+            (0 <= self.xtc_threshold <= 0.5, "xtc_threshold", "in [0, 0.5]"),
+            (all(self.stop_strings), "stop_strings", "non-empty strings"),
+            (self.max_kv_size >= 0, "max_kv_size", ">= 0 (0 = unbounded)"),
+            (self.logprobs_source in LOGPROBS_SOURCES, "logprobs_source", "sampler | policy"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -50,9 +90,9 @@ class RolloutBatch:
     completion_ids: mx.array  # (N, T) int32, pad after the end
     completion_mask: mx.array  # (N, T) float32, 1 on generated tokens incl. the EOS
     logprobs: mx.array  # (N, T) float32, log p of each sampled token, 0 on padding
-    finish_reasons: list[str]  # "stop" (EOS) or "length" (max_new_tokens)
+    finish_reasons: list[str]  # "stop" (EOS or a stop string) or "length"
     prompt_texts: list[str]
-    texts: list[str]  # completions decoded without the EOS
+    texts: list[str]  # completions decoded without the EOS, cut before a stop string
     group_size: int
     columns: dict[str, list] = field(default_factory=dict)  # dataset columns, one value per row
 
@@ -69,31 +109,124 @@ class RolloutBatch:
         return self
 
 
-def _filter_logprobs(logprobs: mx.array, cfg: RolloutConfig) -> mx.array:
-    """mlx-lm's filters, in mlx-lm's order; removed tokens get -inf."""
-    if 0 < cfg.top_p < 1:
-        logprobs = apply_top_p(logprobs, cfg.top_p)
-    if cfg.min_p > 0:
-        logprobs = apply_min_p(logprobs, cfg.min_p)
-    if cfg.top_k > 0 and cfg.top_k < logprobs.shape[-1]:
-        logprobs = apply_top_k(logprobs, cfg.top_k)
-    return logprobs
+class Sampler:
+    """One vectorised sampling step: processors, filters, temperature, categorical draw.
 
-
-def sample_next(logits: mx.array, cfg: RolloutConfig, key: mx.array) -> tuple[mx.array, mx.array]:
-    """Sample one token per row. logits: (N, V). Returns (tokens (N,), logprobs (N,)).
-
-    The logprob is under the distribution sampled from: log_softmax(filtered / temperature).
-    Greedy (temperature 0) reports the model's own log_softmax at temperature 1.
+    `__call__(logits (n, V), history (n, C) | None, keys (n, 2)) -> (tokens (n,), logprobs (n,))`.
+    Each row draws with its own key, so a row's sample depends only on its logits and key, never
+    on which other rows share the batch (finished rows can be dropped without changing the
+    others' samples). `history` holds each row's last C tokens (prompt then completion); the
+    value V marks "no token yet" for prompts shorter than C (processors then run on V+1
+    columns, the extra one thrown away). Greedy (temperature 0) reports the log_softmax of the
+    processed logits.
     """
-    logprobs = nn.log_softmax(logits.astype(mx.float32), axis=-1)
-    if cfg.temperature == 0:
-        tokens = mx.argmax(logprobs, axis=-1)
-        return tokens, mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    scaled = _filter_logprobs(logprobs, cfg) / cfg.temperature
-    tokens = mx.random.categorical(scaled, key=key)
-    sampled = nn.log_softmax(scaled, axis=-1)
-    return tokens, mx.take_along_axis(sampled, tokens[:, None], axis=-1)[:, 0]
+
+    def __init__(self, cfg: RolloutConfig, special_tokens: list[int] = ()):
+        self.cfg = cfg
+        processors = make_logits_processors(
+            repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty != 1 else None,
+            repetition_context_size=cfg.repetition_context_size,
+            presence_penalty=cfg.presence_penalty or None,
+            presence_context_size=cfg.presence_context_size,
+            frequency_penalty=cfg.frequency_penalty or None,
+            frequency_context_size=cfg.frequency_context_size,
+        )
+        # mlx-lm's processors take one sequence's tokens; vmap runs them row by row on device.
+        self.processors = [
+            mx.vmap(lambda tokens, logits, p=p: p(tokens, logits[None])[0]) for p in processors
+        ]
+        sizes = []
+        if cfg.repetition_penalty != 1:
+            sizes.append(cfg.repetition_context_size)
+        if cfg.presence_penalty:
+            sizes.append(cfg.presence_context_size)
+        if cfg.frequency_penalty:
+            sizes.append(cfg.frequency_context_size)
+        self.context_size = max(sizes, default=0)
+        self.special_tokens = sorted(set(special_tokens))
+
+    def initial_history(self, prompts: list[list[int]], vocab_size: int) -> mx.array | None:
+        """(n, C) last C tokens of each prompt, left-filled with `vocab_size`."""
+        if not self.context_size:
+            return None
+        c = self.context_size
+        rows = [[vocab_size] * (c - len(p[-c:])) + p[-c:] for p in prompts]
+        return mx.array(rows, dtype=mx.int32)
+
+    def process(self, logits: mx.array, history: mx.array | None, filled: bool) -> mx.array:
+        """Apply the logits processors. `filled`: no row's history holds the marker."""
+        if history is None or not self.processors:
+            return logits
+        vocab = logits.shape[-1]
+        if not filled:
+            logits = mx.concatenate([logits, mx.zeros_like(logits[:, :1])], axis=-1)
+        for processor in self.processors:
+            logits = processor(history, logits)
+        return logits if filled else logits[:, :vocab]
+
+    def __call__(
+        self, logits: mx.array, history: mx.array | None, keys: mx.array, filled: bool = True
+    ) -> tuple[mx.array, mx.array]:
+        cfg = self.cfg
+        logits = self.process(logits.astype(mx.float32), history, filled)
+        if cfg.temperature == 0:
+            tokens = mx.argmax(logits, axis=-1)
+            picked = mx.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+            return tokens, picked - mx.logsumexp(logits, axis=-1)
+        filtered = cfg.top_p < 1 or cfg.min_p > 0 or cfg.xtc_probability > 0
+        filtered = filtered or 0 < cfg.top_k < logits.shape[-1]
+        if not filtered:  # the draw normalises by itself: skip a pass over the vocabulary
+            return _draw_rows(keys, logits / cfg.temperature if cfg.temperature != 1 else logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        # mlx-lm's make_sampler order: top_p, min_p, xtc, top_k; then temperature.
+        if cfg.top_p < 1:
+            logprobs = apply_top_p(logprobs, cfg.top_p)
+        if cfg.min_p > 0:
+            logprobs = apply_min_p(logprobs, cfg.min_p)
+        if cfg.xtc_probability > 0:
+            # apply_xtc draws one coin for the whole batch; each row is its own sequence, so
+            # run it unconditionally (probability 1) and draw the coin per row ourselves.
+            pairs = _split_rows(keys)
+            keys, coin = pairs[:, 0], _uniform_rows(pairs[:, 1])
+            excluded = apply_xtc(logprobs, 1.0, cfg.xtc_threshold, self.special_tokens)
+            logprobs = mx.where(coin[:, None] < cfg.xtc_probability, excluded, logprobs)
+        if 0 < cfg.top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, cfg.top_k)
+        return _draw_rows(keys, logprobs / cfg.temperature)
+
+
+_split_rows = mx.vmap(lambda key: mx.random.split(key))  # (n, 2) -> (n, 2, 2)
+_uniform_rows = mx.vmap(lambda key: mx.random.uniform(key=key))  # (n, 2) -> (n,)
+
+
+def _draw_rows(keys: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
+    """One exact categorical draw per row from softmax(logits), by inverse CDF with the row's
+    key, and log p of the drawn token. (n, 2), (n, V) -> (n,), (n,).
+
+    One exp pass over the vocabulary gives both the draw and the normaliser; the Gumbel-max
+    draw of `mx.random.categorical` needs a random number and two logs per vocabulary entry
+    on top of the log-softmax, which dominates a CPU decode step. -inf entries are never drawn.
+    """
+    top = mx.max(logits, axis=-1, keepdims=True)
+    cdf = mx.cumsum(mx.exp(logits - top), axis=-1)
+    total = cdf[:, -1:]
+    # u < total strictly, so the first index with cdf > u exists and has p > 0
+    u = mx.minimum(_uniform_rows(keys)[:, None] * total, total * (1 - 2**-23))
+    tokens = (cdf <= u).sum(axis=-1).astype(mx.uint32)
+    picked = mx.take_along_axis(logits, tokens[:, None].astype(mx.int32), axis=-1)
+    return tokens, (picked - top - mx.log(total))[:, 0]
+
+
+def sample_next(
+    logits: mx.array, cfg: RolloutConfig, key: mx.array, history: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """Sample one token per row. logits: (N, V); history: (N, C) token ids or None; row i
+    draws with `mx.random.split(key, N)[i]`.
+
+    Returns (tokens (N,), logprobs (N,)): log p of each token under the distribution sampled
+    from, log_softmax(filtered(processed logits) / temperature).
+    """
+    return Sampler(cfg)(logits, history, mx.random.split(key, logits.shape[0]))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]]:
@@ -104,81 +237,211 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[mx.array, list[int]
     return mx.array(tokens, dtype=mx.int32), padding
 
 
-def _repeat_rows(caches: list[BatchKVCache], times: int) -> None:
-    """Repeat every row of each cache `times` times (row r -> rows r*times .. r*times+times-1)."""
-    for cache in caches:
-        keys, values, offset, left_padding, idx = cache.state
-        cache.state = (
-            mx.repeat(keys, times, axis=0),
-            mx.repeat(values, times, axis=0),
-            mx.repeat(offset, times, axis=0),
-            mx.repeat(left_padding, times, axis=0),
-            idx,
-        )
+def context_length(model: nn.Module) -> int | None:
+    """The model's maximum positions (`max_position_embeddings`), if its args say."""
+    value = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return int(value) if value else None
 
 
-def generate_rollouts(
-    model: nn.Module, tokenizer, prompts: list[list[int]], cfg: RolloutConfig
-) -> RolloutBatch:
-    """`cfg.group_size` completions for each prompt (token ids), batched on BatchKVCache."""
-    cfg.validate()
+def check_prompts(model: nn.Module, prompts: list[list[int]]) -> None:
+    """Clear errors for input generation cannot handle, before any compute."""
     if not prompts:
         raise ValueError("generate_rollouts needs at least one prompt")
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ValueError(f"prompts {empty} are empty (no tokens)")
+    limit = context_length(model)
+    if limit is not None:
+        long = [(i, len(p)) for i, p in enumerate(prompts) if len(p) >= limit]
+        if long:
+            shown = ", ".join(f"prompt {i}: {n} tokens" for i, n in long[:5])
+            raise ValueError(
+                f"{len(long)} prompt(s) leave no room in the model's context of {limit} "
+                f"tokens (max_position_embeddings): {shown}; shorten or drop them"
+            )
+
+
+def _make_caches(model: nn.Module, padding: list[int], max_kv_size: int) -> list:
+    if max_kv_size:
+        return [BatchRotatingKVCache(max_kv_size, padding) for _ in model.layers]
+    return [BatchKVCache(padding) for _ in model.layers]
+
+
+def _prefill(model: nn.Module, tokens: mx.array, caches: list) -> mx.array:
+    """Run the prompts through the caches; returns the last position's logits (P, V)."""
+    from stages.grpo_update import _hidden_and_head
+
+    backbone, head = _hidden_and_head(model)
+    for start in range(0, tokens.shape[1], PREFILL_STEP):
+        chunk = tokens[:, start : start + PREFILL_STEP]
+        last = start + PREFILL_STEP >= tokens.shape[1]
+        if backbone is None:
+            out = model(chunk, cache=caches)
+        else:
+            out = backbone(chunk, cache=caches)
+        if not last:
+            mx.eval([c.state for c in caches])
+    return out[:, -1, :] if backbone is None else head(out[:, -1, :])
+
+
+class _StopStrings:
+    """Per-row streaming detokenizers (mlx-lm's) that spot stop strings across tokens."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], n_rows: int):
+        self.stop_strings = stop_strings
+        self.longest = max(len(s) for s in stop_strings)
+        self.detokenizers = [tokenizer.detokenizer for _ in range(n_rows)]
+        self.seen = [0] * n_rows  # chars of text already searched
+
+    def add(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token to each row; True where a stop string has now appeared."""
+        hit = np.zeros(len(rows), dtype=bool)
+        for i, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
+            detok = self.detokenizers[row]
+            detok.add_token(token)
+            text = detok.text
+            start = max(0, self.seen[row] - self.longest + 1)
+            hit[i] = any(s in text[start:] for s in self.stop_strings)
+            self.seen[row] = len(text)
+        return hit
+
+    def cut(self, text: str) -> str:
+        """Text before the first stop string."""
+        found = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        return text[: min(found)] if found else text
+
+
+def _append(history: mx.array | None, tokens: mx.array) -> mx.array | None:
+    if history is None:
+        return None
+    return mx.concatenate([history[:, 1:], tokens[:, None].astype(history.dtype)], axis=1)
+
+
+def generate_rollouts(
+    model: nn.Module, tokenizer, prompts: list[list[int]], cfg: RolloutConfig
+) -> RolloutBatch:
+    """`cfg.group_size` completions for each prompt (token ids), batched on mlx-lm's caches."""
+    cfg.validate()
+    check_prompts(model, prompts)
     eos_ids = sorted(tokenizer.eos_token_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    group = cfg.group_size
+    group, steps = cfg.group_size, cfg.max_new_tokens
+    n_rows = len(prompts) * group
+    row_prompts = [p for p in prompts for _ in range(group)]
+    prompt_lengths = np.array([len(p) for p in row_prompts])
+    limit = context_length(model)
+    row_limits = np.full(n_rows, steps)
+    if limit is not None:
+        row_limits = np.minimum(row_limits, limit - prompt_lengths)
+
+    special = list(eos_ids)
+    if cfg.xtc_probability > 0:
+        special += tokenizer.encode("\n", add_special_tokens=False)  # as mlx-lm's CLI does
+    sampler = Sampler(cfg, special)
+    stops = _StopStrings(tokenizer, cfg.stop_strings, n_rows) if cfg.stop_strings else None
 
     tokens, padding = left_pad(prompts, pad_id)
-    caches = [BatchKVCache(padding) for _ in model.layers]
-    logits = model(tokens, cache=caches)[:, -1, :]
-    _repeat_rows(caches, group)
-    logits = mx.repeat(logits, group, axis=0)
+    caches = _make_caches(model, padding, cfg.max_kv_size)
+    logits = _prefill(model, tokens, caches)
+    shared = mx.repeat(mx.arange(len(prompts)), group)
+    for cache in caches:
+        cache.filter(shared)  # row r of each prompt's KV -> rows r*group .. r*group+group-1
+    logits = logits[shared]
+    history = sampler.initial_history(row_prompts, logits.shape[-1])
+    filled_after = max(0, sampler.context_size - int(prompt_lengths.min()))
 
-    n_rows = len(prompts) * group
-    eos = mx.array(eos_ids, dtype=mx.int32)
-    finished = mx.zeros((n_rows,), dtype=mx.bool_)
-    step_keys = mx.random.split(mx.random.key(cfg.seed), cfg.max_new_tokens)
-    token_steps, logprob_steps, live_steps = [], [], []
-    for step in range(cfg.max_new_tokens):
-        token, logprob = sample_next(logits, cfg, step_keys[step])
-        live = mx.logical_not(finished)
-        token = mx.where(live, token, pad_id).astype(mx.int32)
-        token_steps.append(token)
-        logprob_steps.append(mx.where(live, logprob, 0.0))
-        live_steps.append(live)
-        finished = finished | (live & (token[:, None] == eos[None]).any(axis=-1))
-        if step + 1 == cfg.max_new_tokens:
+    out_tokens = np.full((n_rows, steps), pad_id, dtype=np.int32)
+    out_logprobs = np.zeros((n_rows, steps), dtype=np.float32)
+    lengths = np.zeros(n_rows, dtype=np.int64)
+    reasons = np.array([""] * n_rows, dtype=object)
+    running = np.ones(n_rows, dtype=bool)
+    active = np.arange(n_rows)  # row ids of the device batch, in order
+    eos = np.array(eos_ids)
+    step_keys = mx.random.split(mx.random.key(cfg.seed), steps)
+
+    def row_keys(step: int) -> mx.array:
+        keys = mx.random.split(step_keys[step], n_rows)
+        return keys if len(active) == n_rows else keys[mx.array(active)]
+
+    token, logprob = sampler(logits, history, row_keys(0), filled=filled_after <= 0)
+    mx.async_eval(token, logprob)
+    for step in range(steps):
+        if step + 1 < steps:  # queue step + 1 before reading step: the device stays busy
+            logits = model(token[:, None], cache=caches)[:, -1, :]
+            history = _append(history, token)
+            next_token, next_logprob = sampler(
+                logits, history, row_keys(step + 1), filled=step + 1 >= filled_after
+            )
+            mx.async_eval(next_token, next_logprob)
+        got_tokens, got_logprobs = np.array(token), np.array(logprob)
+        live = running[active]
+        rows = active[live]
+        got_tokens, got_logprobs = got_tokens[live], got_logprobs[live]
+        out_tokens[rows, step] = got_tokens
+        out_logprobs[rows, step] = got_logprobs
+        ended = np.isin(got_tokens, eos)
+        if stops is not None:
+            ended |= stops.add(rows, got_tokens)
+        reasons[rows[ended]] = "stop"
+        at_limit = ~ended & (step + 1 >= row_limits[rows])
+        reasons[rows[at_limit]] = "length"
+        ended |= at_limit
+        lengths[rows[ended]] = step + 1
+        running[rows[ended]] = False
+        if not running.any():
             break
-        logits = model(token[:, None], cache=caches)[:, -1, :]
-        mx.eval(logits, finished)
-        if finished.all().item():
-            break
+        finished_in_batch = int((~running[active]).sum())
+        if finished_in_batch and finished_in_batch * 8 >= len(active):
+            # Drop finished rows; step + 1 (already queued) still has them, so filter its
+            # outputs and the caches after its update alike.
+            keep = np.flatnonzero(running[active])
+            keep_index = mx.array(keep)
+            for cache in caches:
+                cache.filter(keep_index)
+            next_token, next_logprob = next_token[keep_index], next_logprob[keep_index]
+            history = None if history is None else history[keep_index]
+            active = active[keep]
+        token, logprob = next_token, next_logprob
 
-    completion_ids = mx.stack(token_steps, axis=1)
-    completion_mask = mx.stack(live_steps, axis=1).astype(mx.float32)
-    logprobs = mx.stack(logprob_steps, axis=1).astype(mx.float32)
-    mx.eval(completion_ids, completion_mask, logprobs, finished)
-
-    ended = finished.tolist()
-    texts, rows_ids = [], completion_ids.tolist()
-    lengths = completion_mask.sum(axis=1).astype(mx.int32).tolist()
-    for row, n, stopped in zip(rows_ids, lengths, ended):
-        texts.append(tokenizer.decode(row[: n - 1] if stopped else row[:n]))
-    prompt_ids = [p for p in prompts for _ in range(group)]
-    prompt_texts = [tokenizer.decode(p) for p in prompts]
-    return RolloutBatch(
-        prompt_ids=prompt_ids,
-        completion_ids=completion_ids,
-        completion_mask=completion_mask,
-        logprobs=logprobs,
-        finish_reasons=["stop" if s else "length" for s in ended],
-        prompt_texts=[t for t in prompt_texts for _ in range(group)],
+    texts = []
+    for row in range(n_rows):
+        ids = out_tokens[row, : lengths[row]].tolist()
+        if reasons[row] == "stop" and ids and ids[-1] in eos_ids:
+            ids = ids[:-1]
+        text = tokenizer.decode(ids)
+        texts.append(stops.cut(text) if stops is not None and reasons[row] == "stop" else text)
+    mask = np.arange(steps)[None, :] < lengths[:, None]
+    batch = RolloutBatch(
+        prompt_ids=row_prompts,
+        completion_ids=mx.array(out_tokens),
+        completion_mask=mx.array(mask.astype(np.float32)),
+        logprobs=mx.array(out_logprobs),
+        finish_reasons=reasons.tolist(),
+        prompt_texts=[tokenizer.decode(p) for p in row_prompts],
         texts=texts,
         group_size=group,
     )
+    if cfg.logprobs_source == "policy":
+        batch.logprobs = policy_logprobs(model, batch, cfg.temperature or 1.0)
+    return batch
+
+
+def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float) -> mx.array:
+    """(N, T) log p of each completion token under the training forward pass, as TRL computes
+    them: log_softmax(logits / temperature), no processors or filters; 0 on padding."""
+    from stages.grpo_update import _rows, completion_logits, pack, token_logprobs
+
+    packed = pack(batch)
+    n_rows, n_steps = packed.completion_ids.shape
+    vocab = model.args.vocab_size if hasattr(model, "args") else 1 << 17
+    per_chunk = max(1, POLICY_LOGITS_BUDGET // max(1, n_steps * vocab))
+    parts = []
+    for start in range(0, n_rows, per_chunk):
+        rows = _rows(packed, slice(start, min(start + per_chunk, n_rows)))
+        part = token_logprobs(completion_logits(model, rows, temperature), rows.completion_ids)
+        mx.eval(part)
+        parts.append(part)
+    return mx.concatenate(parts) * packed.completion_mask
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

@@ -1,5 +1,5 @@
 from stages import grpo_update
-from stages.rollout import RolloutConfig, generate_rollouts, sample_next
+from stages.rollout import RolloutConfig, Sampler, generate_rollouts, sample_next
 
 import mlx.core as mx
 import numpy as np
@@ -155,3 +155,286 @@ def test_empty_prompt_is_an_error(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match=r"prompts \[1\] are empty"):
         generate_rollouts(model, tokenizer, [[5, 6], []], RolloutConfig())
+
+
+# --- issue 4: sharing, processors, XTC, stop strings, rotating cache, policy logprobs, errors
+
+
+class _NoEos:
+    """The tiny tokenizer with EOS switched off, so completions run to max_new_tokens."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eos_token_ids = set()
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+class _CountingModel:
+    """Forwards to the model and records the batch size of every decode call."""
+
+    def __init__(self, model):
+        self._model = model
+        self.rows = []
+
+    def __call__(self, inputs, cache=None):
+        self.rows.append(inputs.shape[0])
+        return self._model(inputs, cache=cache)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_group_sharing_equals_unshared_generation_with_the_same_keys(tiny):
+    model, tokenizer = tiny
+    prompts = _encode(tokenizer, PROMPTS)
+    cfg = dict(max_new_tokens=8, temperature=1.3, top_p=0.95, repetition_penalty=1.3, seed=7)
+    shared = generate_rollouts(model, tokenizer, prompts, RolloutConfig(group_size=4, **cfg))
+    repeated = [p for p in prompts for _ in range(4)]
+    alone = generate_rollouts(model, tokenizer, repeated, RolloutConfig(group_size=1, **cfg))
+    assert np.array_equal(np.array(shared.completion_ids), np.array(alone.completion_ids))
+    assert np.allclose(np.array(shared.logprobs), np.array(alone.logprobs), atol=1e-5)
+    assert len(set(shared.texts)) > 3  # really sampled, not all the same
+
+
+def test_finished_rows_leave_the_batch(tiny):
+    model, tokenizer = tiny
+    counting = _CountingModel(model)
+    batch = generate_rollouts(
+        counting,
+        tokenizer,
+        _encode(tokenizer, PROMPTS),
+        RolloutConfig(group_size=8, max_new_tokens=12, temperature=1.5, seed=1),
+    )
+    lengths = np.array(batch.completion_mask).sum(axis=1)
+    assert lengths.min() < lengths.max()  # rows finish at different steps
+    assert counting.rows[0] == batch.num_rows
+    assert counting.rows[-1] < batch.num_rows  # finished rows were dropped
+    assert counting.rows == sorted(counting.rows, reverse=True)
+
+
+def _rows_of(logits, n):
+    return mx.repeat(mx.log(mx.array([logits])), n, axis=0)
+
+
+def _frequencies(tokens, vocab):
+    return np.bincount(np.array(tokens), minlength=vocab) / tokens.size
+
+
+def _softmax(x):
+    e = np.exp(np.array(x) - np.max(x))
+    return e / e.sum()
+
+
+def test_repetition_penalty_per_row_history_and_window_match_hand_computed():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    n = 4000
+    logits = _rows_of(probs, n)
+    # first half saw tokens 0 and 2 (in that order); second half saw token 1 only
+    history = mx.array([[0, 2]] * (n // 2) + [[1, 1]] * (n // 2))
+    cfg = RolloutConfig(repetition_penalty=2.0, repetition_context_size=20)
+    tokens, logprobs = sample_next(logits, cfg, mx.random.key(0), history)
+    raw = np.log(probs)
+    first = raw.copy()
+    first[[0, 2]] = first[[0, 2]] * 2.0  # negative logits are multiplied
+    second = raw.copy()
+    second[1] = second[1] * 2.0
+    for half, expected in ((slice(0, n // 2), first), (slice(n // 2, n), second)):
+        p = _softmax(expected)
+        got = np.array(tokens[half])
+        assert np.allclose(np.array(logprobs[half]), np.log(p[got]), atol=1e-5)
+        assert np.abs(_frequencies(tokens[half], 4) - p).max() < 0.04
+    # positive logits are divided; a window of 1 only sees the last token
+    logits = mx.array([[2.0, 1.0, -1.0]])
+    cfg = RolloutConfig(temperature=0, repetition_penalty=4.0, repetition_context_size=1)
+    _, logprob = sample_next(logits, cfg, mx.random.key(0), mx.array([[1, 0]]))
+    expected = _softmax([0.5, 1.0, -1.0])  # token 0 (last) penalised: 2 / 4; token 1 is out
+    assert abs(logprob.item() - np.log(expected[1])) < 1e-5
+
+
+def test_presence_and_frequency_penalties_match_hand_computed():
+    logits = mx.array([[1.0, 2.0, 0.0, 0.5]] * 2)
+    history = mx.array([[1, 1, 3], [2, 0, 2]])
+    presence = RolloutConfig(temperature=0, presence_penalty=0.5)
+    frequency = RolloutConfig(temperature=0, frequency_penalty=0.5)
+    for cfg, row0, row1 in (
+        (presence, [1.0, 1.5, 0.0, 0.0], [0.5, 2.0, -0.5, 0.5]),
+        (frequency, [1.0, 1.0, 0.0, 0.0], [0.5, 2.0, -1.0, 0.5]),
+    ):
+        tokens, logprobs = sample_next(logits, cfg, mx.random.key(0), history)
+        for row, expected in enumerate((row0, row1)):
+            p = _softmax(expected)
+            token = int(tokens[row].item())
+            assert token == int(np.argmax(p))
+            assert abs(logprobs[row].item() - np.log(p[token])) < 1e-5
+
+
+def test_short_histories_marker_is_never_penalised():
+    """Prompts shorter than the context window: the marker V is not a token."""
+    logits = mx.array([[1.0, 2.0, 0.0, 0.5]])
+    cfg = RolloutConfig(temperature=0, frequency_penalty=0.5)
+    sampler = Sampler(cfg)
+    assert sampler.initial_history([[1]], 4).tolist() == [[4] * 19 + [1]]
+    _, padded = sampler(logits, mx.array([[4, 4, 1]]), mx.random.split(mx.random.key(0), 1), False)
+    _, plain = sampler(logits, mx.array([[1]]), mx.random.split(mx.random.key(0), 1))
+    assert abs(padded.item() - plain.item()) < 1e-6
+
+
+def test_xtc_excludes_top_choices_except_special_tokens():
+    probs = [0.4, 0.3, 0.2, 0.1]  # above threshold 0.25: tokens 0 and 1 -> 0 is excluded
+    n = 4000
+    logits = _rows_of(probs, n)
+    keys = mx.random.split(mx.random.key(3), n)
+    always = Sampler(RolloutConfig(xtc_probability=1.0, xtc_threshold=0.25))
+    tokens, logprobs = always(logits, None, keys)
+    expected = np.array([0.0, 0.3, 0.2, 0.1]) / 0.6
+    assert np.abs(_frequencies(tokens, 4) - expected).max() < 0.04
+    got = np.array(tokens)
+    assert np.allclose(np.array(logprobs), np.log(expected[got]), atol=1e-5)
+    # a special token is never excluded
+    special = Sampler(RolloutConfig(xtc_probability=1.0, xtc_threshold=0.25), special_tokens=[0])
+    tokens, _ = special(logits, None, keys)
+    assert np.abs(_frequencies(tokens, 4) - np.array(probs)).max() < 0.04
+    # probability 0.5: each row flips its own coin
+    half = Sampler(RolloutConfig(xtc_probability=0.5, xtc_threshold=0.25))
+    tokens, logprobs = half(logits, None, keys)
+    assert abs(_frequencies(tokens, 4)[0] - 0.5 * 0.4) < 0.03
+    ones = np.array(logprobs)[np.array(tokens) == 1]
+    assert np.isclose(ones, np.log(0.3), atol=1e-5).any()
+    assert np.isclose(ones, np.log(0.5), atol=1e-5).any()
+
+
+def test_stop_strings_spanning_tokens_cut_the_text(tiny):
+    model, tokenizer = tiny
+    no_eos = _NoEos(tokenizer)
+    prompts = _encode(tokenizer, PROMPTS)
+    cfg = dict(group_size=1, max_new_tokens=12, temperature=0, repetition_penalty=1.5)
+    free = generate_rollouts(model, no_eos, prompts, RolloutConfig(**cfg))
+    ids = np.array(free.completion_ids)
+    full_text = free.texts[0]
+    stop = full_text[4:6]  # two characters: two tokens of the character-level tokenizer
+    assert len(stop) == 2 and len(tokenizer.encode(stop)) == 2
+    stopped = generate_rollouts(model, no_eos, prompts, RolloutConfig(stop_strings=[stop], **cfg))
+    got_ids, mask = np.array(stopped.completion_ids), np.array(stopped.completion_mask)
+    for row in range(len(prompts)):
+        decoded = [tokenizer.decode(ids[row, :k].tolist()) for k in range(1, 13)]
+        ends = [k + 1 for k, text in enumerate(decoded) if stop in text]
+        if not ends:
+            assert stopped.finish_reasons[row] == "length" and stopped.texts[row] == free.texts[row]
+            continue
+        length = ends[0]
+        assert stopped.finish_reasons[row] == "stop"
+        assert int(mask[row].sum()) == length
+        assert got_ids[row, :length].tolist() == ids[row, :length].tolist()
+        assert (got_ids[row, length:] == tokenizer.pad_token_id).all()
+        assert stopped.texts[row] == decoded[length - 1].split(stop)[0]
+    assert stopped.finish_reasons[0] == "stop" and stopped.texts[0] == full_text[:4]
+
+
+def test_rotating_cache_matches_mlx_lm_rotating_generation(tiny):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import RotatingKVCache
+
+    model, tokenizer = tiny
+    prompts = _encode(tokenizer, PROMPTS)
+    size = 16  # every prompt fits; the 12 new tokens wrap the cache
+    batch = generate_rollouts(
+        model,
+        _NoEos(tokenizer),
+        prompts,
+        RolloutConfig(group_size=1, max_new_tokens=12, temperature=0, max_kv_size=size),
+    )
+    for row, prompt in enumerate(prompts):
+        cache = [RotatingKVCache(max_size=size, keep=0) for _ in model.layers]
+        steps = generate_step(mx.array(prompt), model, max_tokens=12, prompt_cache=cache)
+        expected = [token for token, _ in steps]
+        assert np.array(batch.completion_ids[row]).tolist() == expected, f"row {row}"
+
+
+def test_policy_logprobs_are_the_training_forward_at_temperature(tiny):
+    model, tokenizer = tiny
+    prompts = _encode(tokenizer, PROMPTS)
+    cfg = dict(group_size=3, max_new_tokens=6, temperature=0.7, top_k=3, seed=4)
+    sampled = generate_rollouts(model, tokenizer, prompts, RolloutConfig(**cfg))
+    policy = generate_rollouts(
+        model, tokenizer, prompts, RolloutConfig(logprobs_source="policy", **cfg)
+    )
+    assert np.array_equal(np.array(sampled.completion_ids), np.array(policy.completion_ids))
+    packed = grpo_update.pack(policy)
+    expected = grpo_update.token_logprobs(
+        grpo_update.completion_logits(model, packed, 0.7), packed.completion_ids
+    )
+    mask = np.array(policy.completion_mask)
+    assert np.allclose(np.array(policy.logprobs), np.array(expected) * mask, atol=1e-4)
+    # top_k renormalises over fewer tokens, so the sampler's logprobs are higher
+    gap = (np.array(sampled.logprobs) - np.array(policy.logprobs))[mask > 0]
+    assert (gap >= -1e-5).all() and gap.max() > 1e-3
+
+
+def test_context_limit_caps_generation_and_long_prompts_fail(tiny):
+    model, tokenizer = tiny
+    limit = model.args.max_position_embeddings
+    near = [5] * (limit - 4)
+    batch = generate_rollouts(
+        model, _NoEos(tokenizer), [near], RolloutConfig(group_size=2, max_new_tokens=16, seed=0)
+    )
+    assert batch.completion_mask.sum(axis=1).tolist() == [4.0, 4.0]
+    assert batch.finish_reasons == ["length", "length"]
+    with pytest.raises(
+        ValueError, match=r"context of 256 tokens \(max_position_embeddings\): prompt 1: 256 tokens"
+    ):
+        generate_rollouts(model, tokenizer, [[5, 6], [5] * limit], RolloutConfig())
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_context_size": 0}, "repetition_context_size"),
+        ({"xtc_threshold": 0.7}, "xtc_threshold"),
+        ({"xtc_probability": 1.5}, "xtc_probability"),
+        ({"stop_strings": [""]}, "stop_strings"),
+        ({"max_kv_size": -1}, "max_kv_size"),
+        ({"logprobs_source": "vllm"}, "logprobs_source"),
+    ],
+)
+def test_bad_new_settings_fail_before_generation(tiny, bad, message):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=message):
+        generate_rollouts(model, tokenizer, [[1, 2]], RolloutConfig(**bad))
+
+
+def test_rollout_settings_flow_into_rollout_config():
+    from dataclasses import asdict, fields
+
+    from pipelines.config import RolloutSettings, compose
+
+    assert {f.name for f in fields(RolloutSettings)} | {"seed"} == {
+        f.name for f in fields(RolloutConfig)
+    }
+    cfg = compose(["rollout.stop_strings=[END,'###']", "rollout.xtc_probability=0.5"])
+    rollout_cfg = RolloutConfig(seed=1, **asdict(cfg.rollout))
+    rollout_cfg.validate()
+    assert rollout_cfg.stop_strings == ["END", "###"] and rollout_cfg.xtc_probability == 0.5
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("rollout.group_size=1", "expected >= 2 (advantages compare completions within a group)"),
+        ("rollout.repetition_penalty=0", "rollout.repetition_penalty=0.0 is invalid"),
+        ("rollout.presence_context_size=0", "rollout.presence_context_size=0 is invalid"),
+        ("rollout.xtc_threshold=0.9", "rollout.xtc_threshold=0.9 is invalid"),
+        ("rollout.stop_strings=['']", "rollout.stop_strings=[''] is invalid"),
+        ("rollout.max_kv_size=-2", "rollout.max_kv_size=-2 is invalid"),
+        ("rollout.logprobs_source=vllm", "rollout.logprobs_source='vllm' is invalid"),
+    ],
+)
+def test_bad_rollout_config_is_one_line_naming_the_key(override, fragment):
+    from pipelines.config import ConfigError, compose
+
+    with pytest.raises(ConfigError) as error:
+        compose([override])
+    assert fragment in str(error.value) and "\n" not in str(error.value)
