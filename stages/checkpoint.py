@@ -102,6 +102,10 @@ def _model_config(model: nn.Module) -> dict:
     """The HF config to write: the loaded checkpoint's config.json, else the model's args."""
     source = getattr(model, "hf_config", None)
     config = dict(source) if source is not None else asdict(model.args)
+    # Both spellings, so mlx-lm (older names) and transformers >= 5 (either) read the file.
+    from stages.load_weights import mlx_lm_overrides
+
+    config.update(mlx_lm_overrides(config))
     floating = [
         v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)
     ]
