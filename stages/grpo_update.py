@@ -14,6 +14,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from stages import grad_checkpoint, lora
 from stages.entropy import high_entropy_mask, token_entropy
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -128,6 +129,7 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     top_entropy_quantile: float = 1.0
     max_completion_length: int | None = None
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward
 
 
 @dataclass
@@ -280,6 +282,20 @@ def update_step(
 ) -> dict[str, float]:
     """`cfg.num_iterations` optimizer steps on one RolloutBatch. Returns metrics (floats).
 
+    ref_model: the frozen reference when beta != 0; `model` itself for a LoRA model, whose
+    reference is its base (adapters switched off, stages.lora.adapters_disabled).
+    With cfg.gradient_checkpointing, every block's activations are recomputed in the backward.
+    """
+    try:
+        with grad_checkpoint.enabled(model, cfg.gradient_checkpointing):
+            return _update_step(model, optimizer, batch, advantages, cfg, ref_model)
+    finally:
+        model.eval()  # _update_step turns on training mode (LoRA dropout) for the gradient pass
+
+
+def _update_step(model, optimizer, batch, advantages, cfg, ref_model) -> dict[str, float]:
+    """update_step's body.
+
     Gradients are accumulated over micro-batches of `cfg.micro_batch_size` rows, each loss
     scaled so the sum equals the whole-batch loss (dapo already divides by the whole batch's
     token count). Gradients are clipped by global norm before each AdamW step.
@@ -305,7 +321,14 @@ def update_step(
 
     # With mu > 1 the ratio is against the policy that generated the batch, held fixed.
     old_logprobs = no_grad_logprobs(model) if cfg.num_iterations > 1 else None
-    ref_logprobs = no_grad_logprobs(ref_model) if cfg.beta != 0.0 else None
+    ref_logprobs = None
+    if cfg.beta != 0.0 and ref_model is model:
+        with lora.adapters_disabled(model):
+            ref_logprobs = no_grad_logprobs(model)
+            mx.eval(ref_logprobs)
+    elif cfg.beta != 0.0:
+        ref_logprobs = no_grad_logprobs(ref_model)
+    model.train()
     loss_and_grad = nn.value_and_grad(model, _loss_fn)
 
     totals: dict[str, float] = {}

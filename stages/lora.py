@@ -176,9 +176,7 @@ def fuse(model: nn.Module, *, dequantize: bool = True) -> nn.Module:
         config = getattr(model, "hf_config", None)
         if config is not None:
             plain = {
-                k: v
-                for k, v in config.items()
-                if k not in ("quantization", "quantization_config")
+                k: v for k, v in config.items() if k not in ("quantization", "quantization_config")
             }
             model.hf_config = MappingProxyType(plain)
     if hasattr(model, "lora_config"):
