@@ -13,6 +13,7 @@ config.json.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from types import MappingProxyType
@@ -135,7 +136,10 @@ def check_shapes(model_dir: Path) -> None:
         load_model(model_dir, lazy=True, model_config=mlx_lm_overrides(config))
     except (ValueError, TypeError, KeyError) as error:
         text = " ".join(str(error).split())
-        culprit = next((str(f) for n, (f, _) in stored.items() if n in text), None)
+        # mlx-lm names stacked experts "...mlp.switch_mlp.up_proj"; the files hold
+        # "...mlp.experts.0.up_proj" (HF layout).
+        hf_text = re.sub(r"\.switch_mlp\.(\w+)\.", r".experts.0.\1.", text)
+        culprit = next((str(f) for n, (f, _) in stored.items() if n in hf_text), None)
         where = culprit or f"{model_dir}/*.safetensors vs {model_dir / 'config.json'}"
         raise CheckpointError(f"{where}: weights do not fit config.json: {text}") from None
 

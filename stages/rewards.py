@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
+from stages.chat import completion_parts
+
 RewardFunc = Callable[..., list]
 REGISTRY: dict[str, RewardFunc] = {}
 
@@ -105,10 +107,14 @@ def score(batch, reward_funcs: Sequence[RewardFunc], weights: Sequence[float]) -
     if len(weights) != len(reward_funcs):
         raise ValueError(f"{len(weights)} reward weights for {len(reward_funcs)} reward functions")
     columns = []
+    # The parsed parts of thinking-mode completions: <think>...</think> and the answer after it.
+    parts = completion_parts(batch.texts)
     for fn in reward_funcs:
         name = getattr(fn, "__name__", repr(fn))
         try:
-            values = fn(prompts=batch.prompt_texts, completions=batch.texts, **batch.columns)
+            values = fn(
+                prompts=batch.prompt_texts, completions=batch.texts, **parts, **batch.columns
+            )
         except Exception as error:
             raise RewardError(
                 f"reward function {name} raised {type(error).__name__}: {error}"
