@@ -22,6 +22,7 @@ import time
 
 import stages  # noqa: F401  (attach the fast CPU BLAS before mlx.core)
 
+# isort: split
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402

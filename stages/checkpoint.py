@@ -34,7 +34,7 @@ _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "flo
 MAX_SHARD_BYTES = 5 * 10**9
 # mlx-lm stacks the experts of these architectures into one SwitchGLU ("switch_mlp"); HF stores
 # one tensor per expert under "experts.E".
-_STACKED_EXPERTS = {"qwen3_moe", "qwen2_moe", "qwen3_next", "olmoe"}
+_STACKED_EXPERTS = {"qwen3_moe", "qwen2_moe", "olmoe"}
 _SWITCH = re.compile(r"^(.*\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -48,7 +48,7 @@ def hf_weights(model: nn.Module) -> dict[str, mx.array]:
     """
     weights = dict(tree_flatten(model.parameters()))
     model_type = getattr(getattr(model, "args", None), "model_type", None)
-    if model_type not in _STACKED_EXPERTS:
+    if model_type not in _STACKED_EXPERTS or any(n.endswith(".scales") for n in weights):
         return weights
     hf = {}
     for name, value in weights.items():

@@ -157,7 +157,7 @@ def load(path: str | Path, *, dtype=None) -> tuple[nn.Module, TokenizerWrapper]:
         model, tokenizer, loaded_config = mlx_lm_load(
             str(model_dir), model_config=mlx_lm_overrides(config), return_config=True
         )
-    except ValueError as error:
+    except (ValueError, TypeError, KeyError) as error:
         # Name the file: check_shapes reads only headers and says which tensor is wrong.
         check_shapes(model_dir)
         raise CheckpointError(f"{model_dir}: {' '.join(str(error).split())}") from None

@@ -196,3 +196,26 @@ def test_transformers_and_mlx_lm_open_saved_fixture(name, tmp_path):
     assert np.abs(hf_logits - expected).max() <= 1e-4
     reopened, _ = mlx_lm.load(str(saved))
     np.testing.assert_allclose(np.array(reopened(mx.array(input_ids))), expected, atol=1e-6)
+
+
+def test_quantized_moe_saves_in_mlx_lm_layout_and_reloads(tmp_path):
+    from types import MappingProxyType
+
+    from mlx_lm.utils import quantize_model
+
+    model, tokenizer = load(FIXTURES / "qwen3_moe_tiny", dtype="float32")
+    # The router is 32 wide, below qwen3_moe's own router group size (64): keep it unquantized.
+    model, config = quantize_model(
+        model,
+        dict(model.hf_config),
+        group_size=32,
+        bits=4,
+        quant_predicate=lambda path, _: not path.endswith("mlp.gate"),
+    )
+    model.hf_config = MappingProxyType(config)
+    saved = checkpoint.save(model, tokenizer, tmp_path / "q4")
+    names = set(_stored(saved))
+    assert "model.layers.0.mlp.switch_mlp.up_proj.scales" in names  # packed stacks stay stacked
+    reloaded, _ = load(saved, dtype="float32")
+    tokens = mx.array([[5, 9, 14, 3, 22, 7]])
+    np.testing.assert_array_equal(np.array(reloaded(tokens)), np.array(model(tokens)))
