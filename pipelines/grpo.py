@@ -124,7 +124,13 @@ def load_policy(cfg: GRPOConfig, resume_from: Path | None):
     checkpoint when resuming) and the reference is the same model with adapters off."""
     s = cfg.model.lora
     if not s.enabled:
-        model, tokenizer, ref_model = load_policy(cfg, resume_from)
+        model, tokenizer = tasks.load_weights_task(
+            str(resume_from or cfg.model.path), cfg.model.dtype
+        )
+        ref_model = None
+        if cfg.train.beta != 0.0:
+            ref_model, _ = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
+            ref_model.freeze()
         return model, tokenizer, ref_model
     model, tokenizer = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
     if resume_from is not None:

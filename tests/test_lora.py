@@ -124,7 +124,8 @@ def test_fuse_saves_plain_hf_weights_transformers_opens(tiny, tmp_path):
     adapted = np.array(model(TOKENS))
     lora.fuse(model)
     assert not lora.has_adapters(model)
-    np.testing.assert_allclose(np.array(model(TOKENS)), adapted, atol=1e-5)
+    # W + scale * (A B)^T in one matrix rounds differently from the two-path sum.
+    np.testing.assert_allclose(np.array(model(TOKENS)), adapted, atol=1e-4)
     saved = checkpoint.save(model, tokenizer, tmp_path / "fused")
     hf_model = AutoModelForCausalLM.from_pretrained(saved).eval()
     with torch.no_grad():
