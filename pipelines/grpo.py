@@ -296,6 +296,7 @@ def grpo_flow(config: dict) -> dict:
         if cfg.model.fuse_lora_at_end:
             lora.fuse(model, dequantize=True)
             fused = str(checkpoint.save(model, tokenizer, output_dir / "fused"))
+            tracker.log_artifacts(fused, "fused")
         summary = {
             "steps": t.steps,
             "final_reward": history[-1]["reward"] if history else None,
