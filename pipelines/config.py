@@ -31,9 +31,21 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 8
+    scale: float = 20.0  # mlx-lm's scale: the update is scale * (x @ A @ B)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty: every linear in a block
+    num_layers: int = -1  # adapt the last N blocks; -1: all
+
+
+@dataclass
 class ModelConfig:
     path: str = MISSING  # HF-format directory or builtin:<name>
-    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/Metal
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/Metal; checkpoint = as stored
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    fuse_lora_at_end: bool = False  # merge the adapters and save full HF weights to <out>/fused
 
 
 @dataclass
@@ -46,6 +58,8 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # reward argument -> dataset column
     eval_size: int = 0  # rows held out of the training data for evaluation
     eval_source: str | None = None  # or a separate file of evaluation prompts
+    # Extra chat-template variables, e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +124,7 @@ class TrainConfig:
     delta: float | None = None
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass
 
 
 @dataclass
@@ -272,10 +287,32 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     )
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", cfg.checkpoint.every, ">= 1")
     _check(
-        cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+        cfg.model.dtype in ("auto", "checkpoint", "float32", "bfloat16", "float16"),
         "model.dtype",
         cfg.model.dtype,
-        "auto | float32 | bfloat16 | float16",
+        "auto | checkpoint | float32 | bfloat16 | float16",
+    )
+    lora = cfg.model.lora
+    _check(lora.rank >= 1, "model.lora.rank", lora.rank, ">= 1")
+    _check(lora.scale > 0, "model.lora.scale", lora.scale, "> 0")
+    _check(0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout, "in [0, 1)")
+    _check(
+        lora.num_layers == -1 or lora.num_layers >= 1,
+        "model.lora.num_layers",
+        lora.num_layers,
+        ">= 1, or -1 for all blocks",
+    )
+    _check(
+        not cfg.model.fuse_lora_at_end or lora.enabled,
+        "model.fuse_lora_at_end",
+        True,
+        "false unless model.lora.enabled=true (there is nothing to fuse)",
+    )
+    _check(
+        not cfg.data.chat_template_kwargs or cfg.data.use_chat_template,
+        "data.chat_template_kwargs",
+        dict(cfg.data.chat_template_kwargs),
+        "empty unless data.use_chat_template=true",
     )
     _check_ops(cfg)
     _check(bool(cfg.reward.funcs), "reward.funcs", {}, "at least one reward function")

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from stages import checkpoint, data, grpo_update, load_weights, rewards, rollout
+from stages import checkpoint, data, grpo_update, load_weights, lora, rewards, rollout
 from stages.backend import blas
 
 from omegaconf import OmegaConf
@@ -38,6 +38,7 @@ def encode_prompt(tokenizer, prompt, data_cfg) -> list[int]:
             prompt,
             use_chat_template=data_cfg.use_chat_template,
             system_prompt=data_cfg.system_prompt,
+            template_kwargs=data_cfg.chat_template_kwargs,
         )
     except ValueError as error:
         raise InputError(str(error)) from None
@@ -106,10 +107,51 @@ def preflight(cfg: GRPOConfig) -> None:
     try:
         resume_point(cfg)
         if not cfg.model.path.startswith(load_weights.BUILTIN_PREFIX):
-            load_weights.check_model_dir(load_weights.resolve_path(cfg.model.path))
+            check_model(cfg)
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from None
     load_data(cfg)
+
+
+def check_model(cfg: GRPOConfig) -> None:
+    """The model directory loads (architecture, shards, shapes, chat template, LoRA/quantized)."""
+    model_dir = load_weights.resolve_path(cfg.model.path)
+    config = load_weights.check_model_dir(model_dir)
+    load_weights.check_shapes(model_dir)
+    if cfg.data.use_chat_template:
+        load_weights.check_chat_template(model_dir)
+    if ("quantization" in config or "quantization_config" in config) and not cfg.model.lora.enabled:
+        raise InputError(
+            f"{model_dir / 'config.json'} is a quantized model: train it with "
+            "model.lora.enabled=true (QLoRA), or use full-precision weights"
+        )
+
+
+def load_policy(cfg: GRPOConfig, resume_from: Path | None):
+    """(model, tokenizer, ref_model). With LoRA the adapters go on the base (those of the
+    checkpoint when resuming) and the reference is the same model with adapters off."""
+    s = cfg.model.lora
+    if not s.enabled:
+        model, tokenizer = tasks.load_weights_task(
+            str(resume_from or cfg.model.path), cfg.model.dtype
+        )
+        ref_model = None
+        if cfg.train.beta != 0.0:
+            ref_model, _ = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
+            ref_model.freeze()
+        return model, tokenizer, ref_model
+    model, tokenizer = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
+    if resume_from is not None:
+        lora.load_adapters(model, resume_from)
+    else:
+        settings = lora.LoraSettings(
+            s.rank, s.scale, s.dropout, list(s.target_modules), s.num_layers
+        )
+        try:
+            lora.apply(model, settings)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+    return model, tokenizer, model
 
 
 def _plot_rewards(history: list[dict], path: Path) -> Path:
@@ -155,13 +197,7 @@ def grpo_flow(config: dict) -> dict:
         tracker.log_params(flatten(cfg))
         tracker.set_tags({"blas": blas(), "output_dir": str(output_dir.resolve())})
 
-        model, tokenizer = tasks.load_weights_task(
-            str(resume_from or cfg.model.path), cfg.model.dtype
-        )
-        ref_model = None
-        if cfg.train.beta != 0.0:
-            ref_model, _ = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
-            ref_model.freeze()
+        model, tokenizer, ref_model = load_policy(cfg, resume_from)
 
         funcs, names, weights = resolve_rewards(cfg)
         rows, eval_rows = load_data(cfg)
@@ -193,6 +229,7 @@ def grpo_flow(config: dict) -> dict:
             max_grad_norm=t.max_grad_norm,
             top_entropy_quantile=t.top_entropy_quantile,
             max_completion_length=cfg.rollout.max_new_tokens,
+            gradient_checkpointing=t.gradient_checkpointing,
         )
 
         start_step = state.get("step", 0)
@@ -288,6 +325,11 @@ def grpo_flow(config: dict) -> dict:
         progress.close()
 
         final = checkpoint.latest(ckpt_root)
+        fused = None
+        if cfg.model.fuse_lora_at_end:
+            lora.fuse(model, dequantize=True)
+            fused = str(checkpoint.save(model, tokenizer, output_dir / "fused"))
+            tracker.log_artifacts(fused, "fused")
         summary = {
             "steps": t.steps,
             "final_reward": history[-1]["reward"] if history else None,
@@ -295,6 +337,7 @@ def grpo_flow(config: dict) -> dict:
             "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri,
             "last_saved_step": last_saved,
+            "fused": fused,
         }
         if history:
             first = history[: min(10, len(history))]
@@ -363,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             f"last 10 steps {last:.3f}"
         )
     print(f"checkpoint: {summary['checkpoint']}")
+    if summary.get("fused"):
+        print(f"fused model: {summary['fused']}")
     print(f"mlflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
     return 0
 

@@ -121,6 +121,7 @@ def evaluate_task(
             row["prompt"],
             use_chat_template=cfg.data.use_chat_template,
             system_prompt=cfg.data.system_prompt,
+            template_kwargs=cfg.data.chat_template_kwargs,
         )
         for row in rows
     ]

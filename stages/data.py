@@ -6,6 +6,7 @@ as keyword arguments (TRL's convention), e.g. `answer`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,18 +134,31 @@ def prompt_messages(prompt, system_prompt: str | None = None) -> list[dict]:
 
 
 def encode_prompt(
-    tokenizer, prompt, *, use_chat_template: bool = False, system_prompt: str | None = None
+    tokenizer,
+    prompt,
+    *,
+    use_chat_template: bool = False,
+    system_prompt: str | None = None,
+    template_kwargs: Mapping | None = None,
 ) -> list[int]:
     """Token ids of a prompt. Chats always go through the tokenizer's chat template (with the
-    generation prompt); plain strings only when `use_chat_template`."""
+    generation prompt); plain strings only when `use_chat_template`. `template_kwargs` are extra
+    template variables, e.g. {"enable_thinking": False} for Qwen3's non-thinking mode."""
     if isinstance(prompt, str) and not use_chat_template:
         return tokenizer.encode(prompt)
     if not getattr(tokenizer, "chat_template", None):
         what = "data.use_chat_template=true" if isinstance(prompt, str) else "a chat prompt"
         raise ValueError(f"{what} needs a chat template but the tokenizer has none")
-    return tokenizer.apply_chat_template(
-        prompt_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=True
+    ids = tokenizer.apply_chat_template(
+        prompt_messages(prompt, system_prompt),
+        add_generation_prompt=True,
+        tokenize=True,
+        **dict(template_kwargs or {}),
     )
+    # transformers 5 may return a BatchEncoding-like mapping for tokenize=True.
+    if isinstance(ids, Mapping):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def _load_with_datasets(source: str, split: str) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from stages import grad_checkpoint, lora
 from stages.entropy import high_entropy_mask, token_entropy
 
 import mlx.core as mx
@@ -219,6 +220,7 @@ class UpdateConfig:
     max_completion_length: int | None = None
     mask_truncated_completions: bool = False  # rows cut at max_new_tokens get no loss
     seed: int = 0  # shuffles the generation batch before it is split (steps_per_generation > 1)
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward
 
 
 @dataclass
@@ -398,7 +400,20 @@ def update_step(
     means; row means for sequence-level ratios) over every micro-batch, and clip_ratio/low_min,
     high_max: the min / max of the per-micro-batch values (TRL takes them over processes'
     local batches).
+
+    ref_model: the frozen reference when beta != 0; `model` itself for a LoRA model, whose
+    reference is its base (adapters switched off, stages.lora.adapters_disabled).
+    With cfg.gradient_checkpointing, every block's activations are recomputed in the backward.
     """
+    try:
+        with grad_checkpoint.enabled(model, cfg.gradient_checkpointing):
+            return _update_step(model, optimizer, batch, advantages, cfg, ref_model)
+    finally:
+        model.eval()  # _update_step turns on training mode (LoRA dropout) for the gradient pass
+
+
+def _update_step(model, optimizer, batch, advantages, cfg, ref_model) -> dict[str, float]:
+    """update_step's body (see there)."""
     packed = pack(batch)
     n_rows = packed.tokens.shape[0]
     # dapo's normaliser: active tokens of the whole generation batch, counted before truncated
@@ -437,7 +452,14 @@ def update_step(
     # With one optimizer step per batch the ratio is 1 (old = current, detached), as in TRL.
     multi_step = cfg.num_iterations * parts > 1
     old_logprobs = no_grad_logprobs(model) if multi_step else None
-    ref_logprobs = no_grad_logprobs(ref_model) if cfg.beta != 0.0 else None
+    ref_logprobs = None
+    if cfg.beta != 0.0 and ref_model is model:
+        with lora.adapters_disabled(model):
+            ref_logprobs = no_grad_logprobs(model)
+            mx.eval(ref_logprobs)
+    elif cfg.beta != 0.0:
+        ref_logprobs = no_grad_logprobs(ref_model)
+    model.train()
     loss_and_grad = nn.value_and_grad(model, _loss_fn)
     token_counts = packed.completion_mask.sum(axis=1)
 

@@ -2,12 +2,19 @@
 
 `path` is an HF-format directory (config.json, model.safetensors or shards with
 model.safetensors.index.json, tokenizer files) or `builtin:<name>` for a model the project builds
-itself (see stages/tiny_model.py).
+itself (see stages/tiny_model.py). Any architecture mlx-lm supports loads; Qwen3 and Qwen3-MoE
+are proved against transformers by tests/test_parity.py.
+
+Bad checkpoints fail here, before training, with one line naming the file and the problem:
+an unsupported `model_type`, shards missing from the index, tensors whose shapes disagree with
+config.json.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import struct
 from pathlib import Path
 from types import MappingProxyType
 
@@ -20,6 +27,13 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 
 BUILTIN_PREFIX = "builtin:"
+# "checkpoint": keep the dtype config.json names (torch_dtype / dtype), else the stored one.
+DTYPE_CHOICES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be trained from; the message names the file."""
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -30,8 +44,47 @@ def resolve_path(path: str | Path) -> Path:
     return Path(text).expanduser()
 
 
+def mlx_lm_overrides(config: dict) -> dict:
+    """Config keys mlx-lm expects under older names than transformers >= 5 writes.
+
+    transformers 5 saves `rope_parameters` (with rope_theta inside) and, for Qwen3-MoE,
+    `num_local_experts`; mlx-lm's qwen3_moe reads `rope_theta` and `num_experts`.
+    """
+    overrides = {}
+    rope = config.get("rope_parameters") or {}
+    if config.get("rope_theta") is None and rope.get("rope_theta") is not None:
+        overrides["rope_theta"] = rope["rope_theta"]
+    if "num_experts" not in config and "num_local_experts" in config:
+        overrides["num_experts"] = config["num_local_experts"]
+    return overrides
+
+
+def _safetensors_header(file: Path) -> dict:
+    """name -> {"dtype", "shape"} from a safetensors header, without reading the tensors."""
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files mlx-lm reads for `model_dir` (checked by check_model_dir)."""
+    return sorted(model_dir.glob("model*.safetensors"))
+
+
 def check_model_dir(model_dir: Path) -> dict:
-    """Fail early, naming the path, when `model_dir` is not a loadable HF model directory."""
+    """Fail early, naming the file, when `model_dir` is not a loadable HF model directory.
+
+    Checks config.json, the model_type against mlx-lm's architectures, the shard index, and
+    (via a lazy mlx-lm build, no tensor is read) every tensor's name and shape against the
+    architecture config.json describes. Returns config.json's content.
+    """
+    from mlx_lm.utils import _get_classes
+
     if not model_dir.exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if not model_dir.is_dir():
@@ -43,32 +96,110 @@ def check_model_dir(model_dir: Path) -> dict:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if "model_type" not in config:
+        raise CheckpointError(f"{config_file} has no model_type")
+    try:
+        _get_classes(config)
+    except ValueError:
+        import mlx_lm
+
+        raise CheckpointError(
+            f"{config_file}: model_type {config['model_type']!r} is not supported by "
+            f"mlx-lm {mlx_lm.__version__} (see mlx_lm/models/ for the supported ones)"
+        ) from None
     index_file = model_dir / "model.safetensors.index.json"
     if index_file.exists():
-        shards = set(json.loads(index_file.read_text())["weight_map"].values())
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index_file} is not a valid index: {error!r}") from None
+        shards = set(weight_map.values())
         missing = sorted(s for s in shards if not (model_dir / s).exists())
         if missing:
             raise FileNotFoundError(f"{index_file} names shards that are missing: {missing}")
-    elif not list(model_dir.glob("*.safetensors")):
+    elif not weight_files(model_dir):
         raise FileNotFoundError(f"model directory {model_dir} has no *.safetensors weights")
     return config
+
+
+def check_shapes(model_dir: Path) -> None:
+    """Build the model lazily (no tensor is read or allocated) and compare every stored
+    tensor's shape with the one config.json implies. Raises CheckpointError naming the file."""
+    from mlx_lm.utils import load_model
+
+    stored = {}
+    for file in weight_files(model_dir):
+        for name, info in _safetensors_header(file).items():
+            stored[name] = (file, tuple(info["shape"]))
+    config = json.loads((model_dir / "config.json").read_text())
+    try:
+        load_model(model_dir, lazy=True, model_config=mlx_lm_overrides(config))
+    except (ValueError, TypeError, KeyError) as error:
+        text = " ".join(str(error).split())
+        # mlx-lm names stacked experts "...mlp.switch_mlp.up_proj"; the files hold
+        # "...mlp.experts.0.up_proj" (HF layout).
+        hf_text = re.sub(r"\.switch_mlp\.(\w+)\.", r".experts.0.\1.", text)
+        culprit = next((str(f) for n, (f, _) in stored.items() if n in hf_text), None)
+        where = culprit or f"{model_dir}/*.safetensors vs {model_dir / 'config.json'}"
+        raise CheckpointError(f"{where}: weights do not fit config.json: {text}") from None
 
 
 def load(path: str | Path, *, dtype=None) -> tuple[nn.Module, TokenizerWrapper]:
     """Load (model, tokenizer) from an HF directory or `builtin:<name>`.
 
-    dtype: an mx.Dtype, a name ("float32", "bfloat16", "float16"), or None/"auto" for the
-    backend default (float32 on CPU, bfloat16 on GPU/Metal). Quantized weights keep their dtype.
+    dtype: an mx.Dtype, a name ("float32", "bfloat16", "float16"), "checkpoint" (config.json's
+    torch_dtype / dtype, else each tensor as stored), or None/"auto" for the backend default
+    (float32 on CPU, bfloat16 on GPU/Metal). Quantized weights keep their packed dtype.
     """
     model_dir = resolve_path(path)
-    check_model_dir(model_dir)
-    model, tokenizer, config = mlx_lm_load(str(model_dir), return_config=True)
-    # Kept so stages.checkpoint.save writes the checkpoint's own config.json back. A read-only
-    # mapping, because nn.Module would treat a plain dict attribute as parameters.
-    model.hf_config = MappingProxyType(dict(config))
-    if not isinstance(dtype, mx.Dtype):
-        dtype = resolve_dtype(dtype)
-    # set_dtype only touches floating-point parameters, so quantized weights stay packed.
-    model.set_dtype(dtype)
+    config = check_model_dir(model_dir)
+    try:
+        model, tokenizer, loaded_config = mlx_lm_load(
+            str(model_dir), model_config=mlx_lm_overrides(config), return_config=True
+        )
+    except (ValueError, TypeError, KeyError) as error:
+        # Name the file: check_shapes reads only headers and says which tensor is wrong.
+        check_shapes(model_dir)
+        raise CheckpointError(f"{model_dir}: {' '.join(str(error).split())}") from None
+    # Kept so stages.checkpoint.save writes the checkpoint's own config back (transformers'
+    # names, not the mlx-lm overrides). Read-only mappings: nn.Module would treat a plain
+    # dict attribute as parameters.
+    hf_config = dict(config)
+    if "quantization" in loaded_config:
+        hf_config["quantization"] = loaded_config["quantization"]
+        hf_config["quantization_config"] = loaded_config["quantization"]
+    model.hf_config = MappingProxyType(hf_config)
+    generation_file = model_dir / "generation_config.json"
+    if generation_file.exists():
+        try:
+            model.generation_config = MappingProxyType(json.loads(generation_file.read_text()))
+        except json.JSONDecodeError:
+            pass
+    target = _target_dtype(dtype, config)
+    if target is not None:
+        # set_dtype only touches floating-point parameters, so quantized weights stay packed.
+        model.set_dtype(target)
     mx.eval(model.parameters())
     return model, tokenizer
+
+
+def _target_dtype(dtype, config: dict):
+    """The mx.Dtype to cast floating parameters to, or None to keep them as stored."""
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype == "checkpoint":
+        name = config.get("torch_dtype") or config.get("dtype")
+        return _DTYPES.get(name) if isinstance(name, str) else None
+    return resolve_dtype(dtype)
+
+
+def check_chat_template(model_dir: Path) -> None:
+    """Raise CheckpointError when the tokenizer in `model_dir` has no chat template."""
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        raise CheckpointError(
+            f"{model_dir / 'tokenizer_config.json'} has no chat_template, but "
+            "data.use_chat_template=true needs one (set it false, or add a chat template)"
+        )

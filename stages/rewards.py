@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from stages.chat import completion_parts
+
 import mlx.core as mx
 
 RewardFunc = Callable[..., list]
@@ -462,12 +464,15 @@ def run_rewards(
         else [getattr(fn, "__name__", repr(fn)) for fn in reward_funcs]
     )
     completion_ids = _completion_ids(batch)
+    # The parsed parts of thinking-mode completions: <think>...</think> and the answer after it.
+    parts = completion_parts(batch.texts)
     columns, failures = [], []
     for fn, name in zip(reward_funcs, names):
         kwargs = dict(
             prompts=batch.prompt_texts,
             completions=batch.texts,
             completion_ids=completion_ids,
+            **parts,
             **batch.columns,
         )
         try:

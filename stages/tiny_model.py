@@ -64,7 +64,24 @@ TINY_QWEN3 = {
     "torch_dtype": "float32",
 }
 
-BUILTINS = {"tiny_qwen3": TINY_QWEN3}
+# The same tiny shape as a Qwen3-MoE (4 experts, top-2; untied embeddings as in Qwen3-30B-A3B),
+# in HF config names that both transformers and mlx-lm read.
+TINY_QWEN3_MOE = {
+    **{k: v for k, v in TINY_QWEN3.items() if k not in ("architectures", "model_type")},
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 96,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "tie_word_embeddings": False,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
+
+BUILTINS = {"tiny_qwen3": TINY_QWEN3, "tiny_qwen3_moe": TINY_QWEN3_MOE}
 # Bump when the build changes, so stale cached builds are not reused.
 BUILD_VERSION = 1
 WARMUP_STEPS = 40
@@ -136,8 +153,9 @@ def _format_warmup(model: nn.Module, hf_tokenizer, seed: int) -> None:
 
 def build(path: str | Path, name: str = "tiny_qwen3", seed: int = 0) -> Path:
     """Write the built-in model `name` as an HF-format directory at `path`."""
-    from mlx_lm.models import qwen3
-    from mlx_lm.utils import save_config, save_model
+    from stages.checkpoint import hf_weights, save_weights
+
+    from mlx_lm.utils import _get_classes, save_config
 
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
@@ -149,11 +167,12 @@ def build(path: str | Path, name: str = "tiny_qwen3", seed: int = 0) -> Path:
     config["pad_token_id"] = hf_tokenizer.convert_tokens_to_ids(PAD)
 
     mx.random.seed(seed)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
     _format_warmup(model, hf_tokenizer, seed)
 
-    save_model(path, model)
+    save_weights(path, hf_weights(model))  # HF names and layout (experts un-stacked)
     save_config(config, path / "config.json")
     hf_tokenizer.save_pretrained(path)
     generation = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}

@@ -61,3 +61,105 @@ def test_missing_directory_and_missing_config(tmp_path):
         load(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown built-in model 'huge'"):
         load("builtin:huge")
+
+
+# --- bad checkpoints: one line naming the file and the problem ---------------------------------
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parent / "fixtures"
+
+
+def _copy_fixture(name, tmp_path):
+    target = tmp_path / name
+    shutil.copytree(FIXTURES / name, target)
+    return target
+
+
+def test_unsupported_model_type_names_config_file(tmp_path):
+    from stages.load_weights import CheckpointError
+
+    directory = _copy_fixture("qwen3_tiny", tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"] = "not_a_real_arch"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load(directory)
+    message = str(error.value)
+    assert "\n" not in message
+    assert str(directory / "config.json") in message and "'not_a_real_arch'" in message
+    assert "not supported by mlx-lm" in message
+
+
+def test_shape_mismatch_names_the_weights_file(tmp_path):
+    from stages.load_weights import CheckpointError, check_shapes
+
+    directory = _copy_fixture("qwen3_moe_tiny", tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 48  # the dense block's MLP on disk is 64 wide
+    (directory / "config.json").write_text(json.dumps(config))
+    for attempt in (lambda: load(directory), lambda: check_shapes(directory)):
+        with pytest.raises(CheckpointError) as error:
+            attempt()
+        message = str(error.value)
+        assert "\n" not in message
+        assert str(directory / "model.safetensors") in message
+        assert "model.layers.1.mlp" in message and "config.json" in message
+
+
+def test_missing_expert_tensor_is_reported(tmp_path):
+    from stages.load_weights import CheckpointError
+
+    directory = _copy_fixture("qwen3_moe_tiny", tmp_path)
+    weights = mx.load(str(directory / "model.safetensors"))
+    weights.pop("model.layers.2.self_attn.q_proj.weight")
+    mx.save_safetensors(str(directory / "model.safetensors"), weights, {"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.2.self_attn.q_proj"):
+        load(directory)
+
+
+def test_tokenizer_without_chat_template(tmp_path):
+    from stages.load_weights import CheckpointError, check_chat_template
+
+    directory = _copy_fixture("qwen3_tiny", tmp_path)
+    check_chat_template(directory)  # the fixture has one
+    (directory / "chat_template.jinja").unlink()
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(CheckpointError, match="tokenizer_config.json has no chat_template"):
+        check_chat_template(directory)
+
+
+def test_other_mlx_lm_architecture_loads(tmp_path):
+    """A tiny random Llama (another mlx-lm architecture) loads and saves the same way."""
+    from stages import checkpoint
+    from stages.tiny_model import build_tokenizer
+
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config
+
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": 64,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    directory = tmp_path / "llama"
+    directory.mkdir()
+    source = llama.Model(llama.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(source.parameters()))
+    mx.save_safetensors(str(directory / "model.safetensors"), weights, {"format": "pt"})
+    save_config(dict(config), directory / "config.json")
+    build_tokenizer().save_pretrained(directory)
+    model, tokenizer = load(directory, dtype="checkpoint")
+    tokens = mx.array([[4, 9, 12, 7]])
+    np.testing.assert_array_equal(np.array(model(tokens)), np.array(source(tokens)))
+    saved = checkpoint.save(model, tokenizer, tmp_path / "out")
+    assert mx.load(str(saved / "model.safetensors")).keys() == weights.keys()

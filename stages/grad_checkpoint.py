@@ -1,0 +1,35 @@
+"""Gradient (activation) checkpointing for the update step, on mlx-lm's `grad_checkpoint`.
+
+mlx-lm's tuner replaces a block class's `__call__` with one wrapped in `mx.checkpoint`, so each
+transformer block's activations are recomputed in the backward pass instead of kept: memory for
+activations drops from one set per block to about one block's, for roughly one extra forward.
+mlx-lm patches the class for good; `enabled(model)` patches it for the duration of the block
+only, so rollouts (KV caches) run the plain layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlx.nn as nn
+from mlx_lm.tuner.trainer import grad_checkpoint
+
+
+@contextmanager
+def enabled(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
+    """Within the block, every transformer block of `model` is gradient-checkpointed."""
+    if not on:
+        yield model
+        return
+    first_of_type = {}
+    for layer in model.layers:
+        first_of_type.setdefault(type(layer), layer)
+    originals = {cls: cls.__call__ for cls in first_of_type}
+    try:
+        for layer in first_of_type.values():
+            grad_checkpoint(layer)
+        yield model
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call
