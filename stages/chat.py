@@ -1,7 +1,8 @@
 """Thinking-mode completions (Qwen3's `<think>...</think>`).
 
-Prompts go through the chat template in stages.data.encode_prompt. Here, `split_thinking` separates the reasoning block from the answer after it; the reward
-stage passes both to every reward function as `completion_thinking` and `completion_answer`.
+Prompts go through the chat template in stages.data.encode_prompt. Here, `split_thinking`
+separates the reasoning block from the answer after it; the reward stage passes both to every
+reward function as `completion_thinking` and `completion_answer`.
 """
 
 from __future__ import annotations
