@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Every run but the first (which trains the way the README's quickstart does, on Prefect's
+# temporary server) uses the session's Prefect server.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prefect")]
 
 
 def run_grpo(tmp_path: Path, *overrides: str, timeout: int = 300):
@@ -40,7 +42,8 @@ SHRUNK = (
 )
 
 
-def test_quickstart_end_to_end_logs_to_mlflow_and_checkpoints(tmp_path):
+def test_quickstart_end_to_end_logs_to_mlflow_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL")
     result = run_grpo(tmp_path, *SHRUNK)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ERROR" not in result.stderr

@@ -11,6 +11,8 @@ import pytest
 
 from tests.test_cli import SHRUNK, run_grpo
 
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prefect")]
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
