@@ -457,5 +457,12 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "completions/mean_terminated_length": (
             (lengths * stopped).sum().item() / n_stopped if n_stopped else 0.0
         ),
+        # TRL logs 0 for both when no completion terminated.
+        "completions/min_terminated_length": (
+            mx.where(stopped, lengths, mx.inf).min().item() if n_stopped else 0.0
+        ),
+        "completions/max_terminated_length": (
+            mx.where(stopped, lengths, 0).max().item() if n_stopped else 0.0
+        ),
     }
     return metrics

@@ -438,3 +438,26 @@ def test_bad_rollout_config_is_one_line_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as error:
         compose([override])
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_rollout_metrics_trl_names_and_values():
+    from stages.rollout import RolloutBatch, rollout_metrics
+
+    mask = mx.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=mx.float32)
+    batch = RolloutBatch(
+        prompt_ids=[[1]] * 4,
+        completion_ids=mx.zeros((4, 4), dtype=mx.int32),
+        completion_mask=mask,
+        logprobs=mx.zeros((4, 4)),
+        finish_reasons=["stop", "length", "stop", "stop"],
+        prompt_texts=[""] * 4,
+        texts=[""] * 4,
+        group_size=2,
+    )
+    metrics = rollout_metrics(batch)
+    assert metrics["completions/mean_length"] == pytest.approx(2.5)
+    assert metrics["completions/min_length"] == 1 and metrics["completions/max_length"] == 4
+    assert metrics["completions/clipped_ratio"] == pytest.approx(0.25)
+    assert metrics["completions/mean_terminated_length"] == pytest.approx(2.0)
+    assert metrics["completions/min_terminated_length"] == 1
+    assert metrics["completions/max_terminated_length"] == 3
