@@ -107,3 +107,24 @@ def test_world_size_must_divide_prompts_per_step(tmp_path):
         in result.stderr
     )
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_two_processes_resume_one_run_and_checkpoint_series(tmp_path):
+    first = run(tmp_path, *TINY, "train.steps=2", "checkpoint.every=2", processes=2)
+    assert "exited with code" not in first.stderr, first.stderr[-3000:]
+    again = run(tmp_path, *TINY, "train.steps=3", "run.resume=latest", processes=2)
+    assert "exited with code" not in again.stderr, again.stderr[-3000:]
+    assert again.stdout.count("done: 3 steps") == 1
+
+    from stages import checkpoint
+
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run continues
+    rewards = client.get_metric_history(runs[0].info.run_id, "reward")
+    assert sorted(m.step for m in rewards) == [0, 1, 2]
+    root = tmp_path / ROOT
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == [
+        "step-00000002",
+        "step-00000003",
+    ]
+    assert checkpoint.load_state(root / "step-00000003")["data_position"] == 3 * 4
