@@ -57,3 +57,15 @@ def test_two_ranks_shard_gather_reduce_and_compare_configs():
     )
     differ = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-b")
     assert all("ranks [1] have a different resolved config" in r["config"] for r in differ)
+
+
+def test_an_unavailable_backend_stops_the_cli_with_one_line(capsys, monkeypatch):
+    from pipelines import grpo
+
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    # ring needs the rank and hostfile that mlx.launch provides: a lone process has neither.
+    assert grpo.main(["+experiment=quickstart", "distributed.backend=ring"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: distributed backend 'ring' is not available")
+    assert "\n" not in err
