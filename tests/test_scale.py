@@ -55,8 +55,11 @@ def _runs(cwd: Path):
     return client, client.search_runs([experiment.experiment_id])
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
-def test_two_ring_processes_train_like_one(tmp_path, loss_type):
+def test_two_ring_processes_train_like_one(tmp_path):
+    # dapo (the default): its token count is summed over ranks. Every loss_type's normaliser is
+    # checked at the update level (tests/test_distributed.py, loss and grad norm too: Adam's
+    # step is almost blind to a gradient's scale, so the weights alone would not show it).
+    loss_type = "dapo"
     from stages import checkpoint
 
     import numpy as np
