@@ -424,8 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     if not world.is_main:  # no flow, no MLflow run, no checkpoints: rank 0 owns those
         try:
             train(resolved, world)
-        except (KeyboardInterrupt, safety.TrainingStopped):
+        except KeyboardInterrupt:
             return 130
+        except safety.TrainingStopped as stopped:
+            return stopped.exit_code
         except rewards.RewardError as error:
             print(f"error (rank {world.rank}): {error}", file=sys.stderr)
             return 1

@@ -99,6 +99,18 @@ def test_two_ring_processes_train_like_one(tmp_path):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
+    # Resume: every process loads rank 0's checkpoint; the one MLflow run and series continue.
+    again = run(tmp_path / "two", *overrides, "train.steps=4", "run.resume=latest", processes=2)
+    assert "exited with code" not in again.stderr, again.stderr[-3000:]
+    assert again.stdout.count("done: 4 steps") == 1
+    client, runs = _runs(tmp_path / "two")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rewards = client.get_metric_history(runs[0].info.run_id, "reward")
+    assert sorted(m.step for m in rewards) == [0, 1, 2, 3]
+    names = [p.name for p in checkpoint.list_checkpoints(root)]
+    assert names == ["step-00000003", "step-00000004"]
+    assert checkpoint.load_state(root / "step-00000004")["data_position"] == 4 * 4
+
 
 def test_world_size_must_divide_prompts_per_step(tmp_path):
     result = run(tmp_path, *TINY, "train.prompts_per_step=3", processes=2, timeout=120)
@@ -110,27 +122,6 @@ def test_world_size_must_divide_prompts_per_step(tmp_path):
         in result.stderr
     )
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_two_processes_resume_one_run_and_checkpoint_series(tmp_path):
-    first = run(tmp_path, *TINY, "train.steps=2", "checkpoint.every=2", processes=2)
-    assert "exited with code" not in first.stderr, first.stderr[-3000:]
-    again = run(tmp_path, *TINY, "train.steps=3", "run.resume=latest", processes=2)
-    assert "exited with code" not in again.stderr, again.stderr[-3000:]
-    assert again.stdout.count("done: 3 steps") == 1
-
-    from stages import checkpoint
-
-    client, runs = _runs(tmp_path)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run continues
-    rewards = client.get_metric_history(runs[0].info.run_id, "reward")
-    assert sorted(m.step for m in rewards) == [0, 1, 2]
-    root = tmp_path / ROOT
-    assert [p.name for p in checkpoint.list_checkpoints(root)] == [
-        "step-00000002",
-        "step-00000003",
-    ]
-    assert checkpoint.load_state(root / "step-00000003")["data_position"] == 3 * 4
 
 
 def test_processes_with_different_configs_stop_at_start(tmp_path):
