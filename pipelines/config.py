@@ -18,6 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+BACKENDS = ("any", "ring", "mpi", "nccl")
+
+
 class ConfigError(ValueError):
     """A bad configuration; the message is one line that names the key."""
 
@@ -158,6 +161,12 @@ class SafetyConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # Read under `mlx.launch -n N ...` (data parallel); a lone process is world size 1.
+    backend: str = "any"  # any | ring | mpi | nccl
+
+
+@dataclass
 class ScheduleConfig:
     # Read by `python -m pipelines.schedule` only; exactly one of cron / interval.
     cron: str | None = None  # cron string, e.g. "0 3 * * *"
@@ -179,6 +188,7 @@ class GRPOConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     experiment: Any = None
 
 
@@ -358,6 +368,8 @@ def _check_ops(cfg: GRPOConfig) -> None:
     s, sch = cfg.safety, cfg.schedule
     _check(s.max_nonfinite_steps >= 1, "safety.max_nonfinite_steps", s.max_nonfinite_steps, ">= 1")
     _check(s.mlflow_retry_seconds > 0, "safety.mlflow_retry_seconds", s.mlflow_retry_seconds, "> 0")
+    backend = cfg.distributed.backend
+    _check(backend in BACKENDS, "distributed.backend", backend, " | ".join(BACKENDS))
     _check(
         sch.interval is None or sch.interval > 0, "schedule.interval", sch.interval, "> 0 seconds"
     )

@@ -15,13 +15,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from stages import checkpoint, data, grpo_update, load_weights, lora, rewards, rollout
+from stages import checkpoint, data, distributed, grpo_update, load_weights, lora, rewards, rollout
 from stages.backend import blas
 
 from omegaconf import OmegaConf
 from prefect import flow
 
-from pipelines import report, safety, tasks
+from pipelines import report, safety, scale, tasks
 from pipelines.config import ConfigError, GRPOConfig, compose, flatten, to_schema, to_yaml
 from pipelines.tracking import Tracker
 
@@ -127,20 +127,20 @@ def check_model(cfg: GRPOConfig) -> None:
         )
 
 
-def load_policy(cfg: GRPOConfig, resume_from: Path | None):
+def load_policy(cfg: GRPOConfig, resume_from: Path | None, run_tasks=tasks):
     """(model, tokenizer, ref_model). With LoRA the adapters go on the base (those of the
     checkpoint when resuming) and the reference is the same model with adapters off."""
     s = cfg.model.lora
     if not s.enabled:
-        model, tokenizer = tasks.load_weights_task(
+        model, tokenizer = run_tasks.load_weights_task(
             str(resume_from or cfg.model.path), cfg.model.dtype
         )
         ref_model = None
         if cfg.train.beta != 0.0:
-            ref_model, _ = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
+            ref_model, _ = run_tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
             ref_model.freeze()
         return model, tokenizer, ref_model
-    model, tokenizer = tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
+    model, tokenizer = run_tasks.load_weights_task(cfg.model.path, cfg.model.dtype)
     if resume_from is not None:
         lora.load_adapters(model, resume_from)
     else:
@@ -173,31 +173,50 @@ def _plot_rewards(history: list[dict], path: Path) -> Path:
 
 
 @flow(name="grpo", log_prints=False, validate_parameters=False)
-def grpo_flow(config: dict) -> dict:
-    """The GRPO training flow. `config` is the resolved config as a plain dict."""
+def grpo_flow(config: dict, world: distributed.World | None = None) -> dict:
+    """The GRPO training flow (rank 0's). `config` is the resolved config as a plain dict."""
+    return train(config, world)
+
+
+def _tasks_for(world: distributed.World):
+    """Rank 0 runs the Prefect tasks; other ranks their plain functions (no task runs)."""
+    return tasks if world.is_main else scale.plain_tasks(tasks)
+
+
+def train(config: dict, world: distributed.World | None = None) -> dict:
+    """The training loop; every rank of a data-parallel run runs it, rank 0 inside the flow."""
     from tqdm import tqdm
 
+    world = world or distributed.World()
+    tasks = _tasks_for(world)
     cfg = to_schema(OmegaConf.create(config))
     output_dir = Path(cfg.run.output_dir)
     ckpt_root = output_dir / "checkpoints"
-    resume_from = resume_point(cfg, set_aside=True)
+    resume_from = resume_point(cfg, set_aside=world.is_main)
     state = checkpoint.load_state(resume_from) if resume_from else {}
 
-    tracker = Tracker(
-        cfg.mlflow.experiment,
-        cfg.run.name,
-        cfg.mlflow.tracking_uri,
-        run_id=state.get("mlflow_run_id"),
-        spool=output_dir / "mlflow_spool.jsonl",
-        retry_seconds=cfg.safety.mlflow_retry_seconds,
+    tracker = (
+        scale.NullTracker()
+        if not world.is_main
+        else Tracker(
+            cfg.mlflow.experiment,
+            cfg.run.name,
+            cfg.mlflow.tracking_uri,
+            run_id=state.get("mlflow_run_id"),
+            spool=output_dir / "mlflow_spool.jsonl",
+            retry_seconds=cfg.safety.mlflow_retry_seconds,
+        )
     )
+    rank_tracker = tracker  # rank 0's own logging (evaluation runs on rank 0 only)
+    if world.size > 1:
+        tracker = scale.ReducedTracker(tracker, world)
     guard = safety.StepGuard(cfg.safety.max_nonfinite_steps)
     status = "FAILED"
     try:
         tracker.log_params(flatten(cfg))
         tracker.set_tags({"blas": blas(), "output_dir": str(output_dir.resolve())})
 
-        model, tokenizer, ref_model = load_policy(cfg, resume_from)
+        model, tokenizer, ref_model = load_policy(cfg, resume_from, tasks)
 
         funcs, names, weights = resolve_rewards(cfg)
         rows, eval_rows = load_data(cfg)
@@ -242,9 +261,12 @@ def grpo_flow(config: dict) -> dict:
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
+            disable=not world.is_main,
         )
 
         def save(done: int, direct: bool = False) -> int:
+            if not world.is_main:
+                return done
             # direct: no Prefect task (when stopping, its server may be going down too).
             save_task = tasks.checkpoint_task.fn if direct else tasks.checkpoint_task
             save_task(
@@ -269,26 +291,32 @@ def grpo_flow(config: dict) -> dict:
         for step in range(start_step, t.steps):
             guard.begin_step(step, model, optimizer, stream)
             step_start = time.perf_counter()
-            batch_rows = stream.next_batch(t.prompts_per_step)
+            mine = distributed.shard(t.prompts_per_step, world)  # every rank reads them all
+            batch_rows = stream.next_batch(t.prompts_per_step)[mine]
             prompts = [encode_prompt(tokenizer, row["prompt"], cfg.data) for row in batch_rows]
+            group = cfg.rollout.group_size
             rollout_cfg = rollout.RolloutConfig(
-                seed=cfg.run.seed * 1_000_003 + step, **asdict(cfg.rollout)
+                seed=cfg.run.seed * 1_000_003 + step,
+                row_offset=mine.start * group,
+                total_rows=t.prompts_per_step * group,
+                **asdict(cfg.rollout),
             )
             batch = tasks.rollout_task(model, tokenizer, prompts, rollout_cfg, tracker, step)
             batch.with_columns(batch_rows)
             scores = tasks.rewards_task(batch, funcs, names, weights, tracker, step, cfg.reward)
+            all_scores = distributed.all_gather(scores, world)  # advantages of the global batch
             advantages = tasks.advantages_task(
-                scores,
+                all_scores,
                 weights,
                 batch.group_size,
                 t.scale_rewards,
                 t.multi_objective_aggregation,
                 tracker,
                 step,
-            )
+            )[mine.start * group : mine.stop * group]
             update_cfg.seed = cfg.run.seed * 1_000_003 + step
             metrics = tasks.update_task(
-                model, optimizer, batch, advantages, update_cfg, ref_model, tracker, step
+                model, optimizer, batch, advantages, update_cfg, ref_model, tracker, step, world
             )
             guard.check_update(metrics, model, optimizer, tracker, step)
 
@@ -296,7 +324,8 @@ def grpo_flow(config: dict) -> dict:
             seconds = time.perf_counter() - step_start
             tokens = sum(map(len, batch.prompt_ids)) + batch.completion_mask.sum().item()
             tracker.log_metrics({"tokens/s": tokens / seconds, "step_seconds": seconds}, step)
-            history.append({"step": step, "reward": reward.mean().item(), "loss": metrics["loss"]})
+            mean_reward = rewards.combine(all_scores, weights).mean().item()
+            history.append({"step": step, "reward": mean_reward, "loss": metrics["loss"]})
             if cfg.mlflow.log_completions_every and step % cfg.mlflow.log_completions_every == 0:
                 tracker.log_table(
                     {
@@ -315,15 +344,19 @@ def grpo_flow(config: dict) -> dict:
             progress.update(1)
 
             done = step + 1
-            if eval_rows and ((cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps):
+            due = (cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps
+            if world.is_main and eval_rows and due:
                 tasks.evaluate_task(
-                    model, tokenizer, eval_rows, funcs, names, weights, cfg, tracker, done
+                    model, tokenizer, eval_rows, funcs, names, weights, cfg, rank_tracker, done
                 )
             if done % cfg.checkpoint.every == 0 or done == t.steps or guard.stop_requested:
                 last_saved = save(done, direct=guard.stop_requested)
             guard.raise_if_stopping(done)
         progress.close()
 
+        if not world.is_main:
+            status = "FINISHED"
+            return {"steps": t.steps, "final_reward": history[-1]["reward"] if history else None}
         final = checkpoint.latest(ckpt_root)
         fused = None
         if cfg.model.fuse_lora_at_end:
@@ -381,14 +414,27 @@ def main(argv: list[str] | None = None) -> int:
         if show_config:
             print(to_yaml(cfg))
             return 0
+        world = scale.join(cfg)
         preflight(cfg)
-    except (ConfigError, InputError) as error:
+    except (ConfigError, InputError, distributed.DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     safety.quiet_stop_tracebacks()
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    if not world.is_main:  # no flow, no MLflow run, no checkpoints: rank 0 owns those
+        try:
+            train(resolved, world)
+        except KeyboardInterrupt:
+            return 130
+        except safety.TrainingStopped as stopped:
+            return stopped.exit_code
+        except rewards.RewardError as error:
+            print(f"error (rank {world.rank}): {error}", file=sys.stderr)
+            return 1
+        return 0
     safety.start_prefect_server_outside_ctrl_c()
     try:
-        summary = grpo_flow(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        summary = grpo_flow(resolved, world if world.size > 1 else None)
     except KeyboardInterrupt:
         print(f"\ninterrupted; {safety.resume_hint(overrides)}", file=sys.stderr)
         return 130

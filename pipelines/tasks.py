@@ -169,9 +169,10 @@ def update_task(
     ref_model,
     tracker: Tracker,
     step: int,
+    world=None,
 ) -> dict[str, float]:
     start = time.perf_counter()
-    metrics = grpo_update.update_step(model, optimizer, batch, advantages, cfg, ref_model)
+    metrics = grpo_update.update_step(model, optimizer, batch, advantages, cfg, ref_model, world)
     seconds = time.perf_counter() - start
     tokens = sum(len(p) for p in batch.prompt_ids) + batch.completion_mask.sum().item()
     metrics["update/tokens_per_s"] = tokens * cfg.num_iterations / seconds

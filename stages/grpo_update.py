@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from stages import grad_checkpoint, lora
+from stages import distributed, grad_checkpoint, lora
 from stages.entropy import high_entropy_mask, token_entropy
 
 import mlx.core as mx
@@ -373,6 +373,14 @@ def _chunk_scale(loss_type: str, rows: int, step_rows: int, tokens: float, step_
     return 1.0  # dapo already divides by the generation batch's token count
 
 
+def _world_scale(loss_type: str, world: distributed.World) -> float:
+    """Factor on each rank's loss so that the ranks' average gradient is the whole batch's.
+    grpo / dr_grpo are means over rows and every rank has the same number of rows: the average
+    of the ranks' means is the mean. bnpo (whose chunk scale already divides by the tokens of
+    all ranks) and dapo (divided by all ranks' tokens) are sums: undo the average's 1/size."""
+    return float(world.size) if loss_type in ("bnpo", "dapo") else 1.0
+
+
 # Metrics averaged over the whole batch weighted by tokens (token-level) or rows (sequence-level).
 _TOKEN_METRICS = ("entropy", "kl")
 _CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
@@ -385,6 +393,7 @@ def update_step(
     advantages: mx.array,
     cfg: UpdateConfig,
     ref_model: nn.Module | None = None,
+    world: distributed.World | None = None,
 ) -> dict[str, float]:
     """All optimizer steps for one generation batch (a RolloutBatch). Returns metrics (floats).
 
@@ -404,21 +413,30 @@ def update_step(
     ref_model: the frozen reference when beta != 0; `model` itself for a LoRA model, whose
     reference is its base (adapters switched off, stages.lora.adapters_disabled).
     With cfg.gradient_checkpointing, every block's activations are recomputed in the backward.
+
+    world (data parallel): `batch` is this rank's equal share of the generation batch. dapo's
+    token count is summed over ranks, each loss is scaled so that the average of the ranks'
+    gradients (mlx.nn.average_gradients) is the gradient of the whole batch, clipping follows
+    the average, and the metrics are reduced over ranks (stages.distributed.reduce_metrics).
+    With steps_per_generation > 1 each rank shuffles its own share (same-size optimizer
+    batches, different rows than one process would draw).
     """
+    world = world or distributed.World()
     try:
         with grad_checkpoint.enabled(model, cfg.gradient_checkpointing):
-            return _update_step(model, optimizer, batch, advantages, cfg, ref_model)
+            metrics = _update_step(model, optimizer, batch, advantages, cfg, ref_model, world)
+        return distributed.reduce_metrics(metrics, world)
     finally:
         model.eval()  # _update_step turns on training mode (LoRA dropout) for the gradient pass
 
 
-def _update_step(model, optimizer, batch, advantages, cfg, ref_model) -> dict[str, float]:
+def _update_step(model, optimizer, batch, advantages, cfg, ref_model, world) -> dict[str, float]:
     """update_step's body (see there)."""
     packed = pack(batch)
     n_rows = packed.tokens.shape[0]
     # dapo's normaliser: active tokens of the whole generation batch, counted before truncated
     # completions are masked (as TRL's num_items_in_batch).
-    num_items = packed.completion_mask.sum()
+    num_items = distributed.all_sum(packed.completion_mask.sum(), world)
     if cfg.mask_truncated_completions:
         kept = mx.array([reason != "length" for reason in batch.finish_reasons], dtype=mx.float32)
         packed = replace(packed, completion_mask=packed.completion_mask * kept[:, None])
@@ -468,13 +486,14 @@ def _update_step(model, optimizer, batch, advantages, cfg, ref_model) -> dict[st
     per_chunk: dict[str, list[float]] = {"clip_ratio/low_mean": [], "clip_ratio/high_mean": []}
     for _ in range(cfg.num_iterations):
         for rows in step_rows:
-            step_tokens = token_counts[mx.array(rows)].sum().item()
+            local_tokens = token_counts[mx.array(rows)].sum()
+            step_tokens = distributed.all_sum(local_tokens, world).item()
             grads, step_loss = None, 0.0
             for chunk in chunks_of(rows):
                 chunk_tokens = token_counts[chunk].sum().item()
                 scale = _chunk_scale(
                     cfg.loss_type, chunk.size, len(rows), chunk_tokens, step_tokens
-                )
+                ) * _world_scale(cfg.loss_type, world)
                 (loss, metrics), chunk_grads = loss_and_grad(
                     model,
                     _rows(packed, chunk),
@@ -496,6 +515,8 @@ def _update_step(model, optimizer, batch, advantages, cfg, ref_model) -> dict[st
                     row_weighted = sequence_level and name in _CLIP_METRICS
                     weight = float(chunk.size) if row_weighted else chunk_tokens
                     weighted.setdefault(name, []).append((value, weight))
+            if world.size > 1:
+                grads = nn.utils.average_gradients(grads, group=world.group)
             if cfg.max_grad_norm > 0:
                 grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             else:

@@ -58,6 +58,10 @@ class RolloutConfig:
     max_kv_size: int = 0  # 0: full cache; N: rotating cache holding the last N positions
     logprobs_source: str = "sampler"  # sampler | policy
     seed: int = 0
+    # Data parallel: these rows are rows row_offset.. of a global batch of total_rows (0: this
+    # batch is the whole batch); row i draws with key i of the global batch, as one process would.
+    row_offset: int = 0
+    total_rows: int = 0
 
     def validate(self) -> None:
         checks = [
@@ -76,6 +80,8 @@ class RolloutConfig:
             (all(self.stop_strings), "stop_strings", "non-empty strings"),
             (self.max_kv_size >= 0, "max_kv_size", ">= 0 (0 = unbounded)"),
             (self.logprobs_source in LOGPROBS_SOURCES, "logprobs_source", "sampler | policy"),
+            (self.row_offset >= 0, "row_offset", ">= 0"),
+            (self.total_rows >= 0, "total_rows", ">= 0 (0 = this batch)"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -358,9 +364,17 @@ def generate_rollouts(
     active = np.arange(n_rows)  # row ids of the device batch, in order
     eos = np.array(eos_ids)
     step_keys = mx.random.split(mx.random.key(cfg.seed), steps)
+    total_rows = cfg.total_rows or n_rows
+    if cfg.row_offset + n_rows > total_rows:
+        raise ValueError(
+            f"rows {cfg.row_offset}..{cfg.row_offset + n_rows} are not within "
+            f"total_rows={total_rows}"
+        )
 
     def row_keys(step: int) -> mx.array:
-        keys = mx.random.split(step_keys[step], n_rows)
+        keys = mx.random.split(step_keys[step], total_rows)
+        if total_rows != n_rows:
+            keys = keys[cfg.row_offset : cfg.row_offset + n_rows]
         return keys if len(active) == n_rows else keys[mx.array(active)]
 
     token, logprob = sampler(logits, history, row_keys(0), filled=filled_after <= 0)

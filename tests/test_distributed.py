@@ -57,3 +57,30 @@ def test_two_ranks_shard_gather_reduce_and_compare_configs():
     )
     differ = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-b")
     assert all("ranks [1] have a different resolved config" in r["config"] for r in differ)
+
+
+def test_an_unavailable_backend_stops_the_cli_with_one_line(capsys, monkeypatch):
+    from pipelines import grpo
+
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    # ring needs the rank and hostfile that mlx.launch provides: a lone process has neither.
+    assert grpo.main(["+experiment=quickstart", "distributed.backend=ring"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: distributed backend 'ring' is not available")
+    assert "\n" not in err
+
+
+@pytest.mark.slow
+def test_two_ranks_update_like_one_process_for_every_loss_type():
+    from stages.grpo_update import LOSS_TYPES
+
+    reports = _launch("distributed/worker_update.py")
+    for report in reports:
+        assert report["same_samples"]  # a rank's share draws what one process draws for it
+        for loss_type in LOSS_TYPES:
+            got = report[loss_type]
+            assert got["moved"] > 1e-3, loss_type  # the update did something
+            # float32: the same global gradient up to summation order.
+            assert got["weights"] < 1e-5, (loss_type, got)
+            assert got["loss"] < 1e-5 and got["grad_norm"] < 1e-4, (loss_type, got)

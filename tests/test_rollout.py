@@ -411,7 +411,8 @@ def test_rollout_settings_flow_into_rollout_config():
 
     from pipelines.config import RolloutSettings, compose
 
-    assert {f.name for f in fields(RolloutSettings)} | {"seed"} == {
+    per_step = {"seed", "row_offset", "total_rows"}  # set by the flow each step, not configured
+    assert {f.name for f in fields(RolloutSettings)} | per_step == {
         f.name for f in fields(RolloutConfig)
     }
     cfg = compose(["rollout.stop_strings=[END,'###']", "rollout.xtc_probability=0.5"])
@@ -461,3 +462,29 @@ def test_rollout_metrics_trl_names_and_values():
     assert metrics["completions/mean_terminated_length"] == pytest.approx(2.0)
     assert metrics["completions/min_terminated_length"] == 1
     assert metrics["completions/max_terminated_length"] == 3
+
+
+def test_a_share_of_the_batch_draws_like_its_rows_of_the_whole_batch(tiny):
+    """Data parallel: rank r's prompts with row_offset/total_rows sample what one process does."""
+    model, tokenizer = tiny
+    prompts = _encode(tokenizer, PROMPTS)
+    assert len(prompts) >= 2
+    settings = {"group_size": 4, "max_new_tokens": 6, "temperature": 1.5, "seed": 11}
+    whole = generate_rollouts(model, tokenizer, prompts, RolloutConfig(**settings))
+    total = len(prompts) * 4
+    second = generate_rollouts(
+        model,
+        tokenizer,
+        prompts[1:2],
+        RolloutConfig(row_offset=4, total_rows=total, **settings),
+    )
+    alone = generate_rollouts(model, tokenizer, prompts[1:2], RolloutConfig(**settings))
+    assert second.texts == whole.texts[4:8]
+    assert alone.texts != whole.texts[4:8]  # without the offset it draws other samples
+    with pytest.raises(ValueError, match="total_rows"):
+        generate_rollouts(
+            model,
+            tokenizer,
+            prompts[1:2],
+            RolloutConfig(row_offset=total, total_rows=total, **settings),
+        )

@@ -1,0 +1,70 @@
+"""Run by tests/test_distributed.py under `mlx.launch -n 2 --backend ring`.
+
+Each rank samples its share of a global batch (global-row keys), takes its slice of the global
+advantages and runs update_step with the world; it also runs the same update as one process on
+the whole batch (no collectives) and reports, per loss_type, the largest difference between the
+two resulting weights and the two losses.
+"""
+
+import json
+
+import stages  # noqa: F401
+from stages import distributed, grpo_update, rollout
+from stages.load_weights import load
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+world = distributed.init("ring")
+PROMPTS = ["1+2=", "3+4=", "2+2=", "0+1="]
+GROUP = 4
+_, tokenizer = load("builtin:tiny_qwen3", dtype="float32")
+prompts = [tokenizer.encode(p) for p in PROMPTS]
+mine = distributed.shard(len(prompts), world)
+settings = {"group_size": GROUP, "max_new_tokens": 4, "temperature": 1.5, "seed": 5}
+
+
+model = load("builtin:tiny_qwen3", dtype="float32")[0]
+initial = model.parameters()  # MLX arrays are immutable: updates replace them
+
+
+def fresh():
+    model.update(initial)
+    return model
+
+
+whole = rollout.generate_rollouts(model, tokenizer, prompts, rollout.RolloutConfig(**settings))
+local = rollout.generate_rollouts(
+    model,
+    tokenizer,
+    prompts[mine],
+    rollout.RolloutConfig(
+        row_offset=mine.start * GROUP, total_rows=len(prompts) * GROUP, **settings
+    ),
+)
+report = {
+    "rank": world.rank,
+    "same_samples": whole.texts[mine.start * GROUP : mine.stop * GROUP] == local.texts,
+}
+scores = mx.array(np.random.default_rng(0).normal(size=(len(prompts) * GROUP, 1)), mx.float32)
+advantages = grpo_update.group_advantages(scores, [1.0], GROUP, "batch")[0]
+local_advantages = advantages[mine.start * GROUP : mine.stop * GROUP]
+
+for loss_type in grpo_update.LOSS_TYPES:
+    cfg = grpo_update.UpdateConfig(loss_type=loss_type, max_grad_norm=0.5, max_completion_length=4)
+    results = []
+    for batch, adv, w in ((whole, advantages, None), (local, local_advantages, world)):
+        net = fresh()
+        optimizer = grpo_update.make_optimizer(1e-2)
+        metrics = grpo_update.update_step(net, optimizer, batch, adv, cfg, world=w)
+        results.append((dict(tree_flatten(net.parameters())), metrics))
+    (one, one_metrics), (par, par_metrics) = results
+    start = dict(tree_flatten(initial))
+    report[loss_type] = {
+        "weights": max(mx.abs(one[k] - par[k]).max().item() for k in one),
+        "moved": max(mx.abs(one[k] - start[k]).max().item() for k in one),
+        "loss": abs(one_metrics["loss"] - par_metrics["loss"]),
+        "grad_norm": abs(one_metrics["grad_norm"] - par_metrics["grad_norm"]),
+    }
+print("REPORT " + json.dumps(report), flush=True)

@@ -1,0 +1,132 @@
+"""Data-parallel GRPO: 2 processes over the ring backend (`mlx.launch`) vs 1 process, on the CPU."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = (
+    "+experiment=quickstart",
+    "train.steps=3",
+    "train.prompts_per_step=4",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=3",
+    "checkpoint.every=3",
+    "train.scale_rewards=batch",  # advantages need the statistics of the whole batch
+    "mlflow.log_completions_every=1",
+)
+ROOT = Path("outputs") / "quickstart" / "checkpoints"
+
+
+def run(cwd: Path, *overrides: str, processes: int = 1, timeout: int = 400):
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    command = [sys.executable, "-m", "pipelines.grpo", *overrides]
+    if processes > 1:
+        launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+        command = [launcher, "-n", str(processes), "--backend", "ring", *command]
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _weights(path) -> dict:
+    """A model's parameters by name (a checkpoint directory or a builtin model), float32."""
+    import stages  # noqa: F401
+    from stages.load_weights import load
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    model, _ = load(str(path), dtype="float32")
+    return {k: v.astype(mx.float32) for k, v in tree_flatten(model.parameters())}
+
+
+def _runs(cwd: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grpo")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_two_ring_processes_train_like_one(tmp_path):
+    # dapo (the default): its token count is summed over ranks. Every loss_type's normaliser is
+    # checked at the update level (tests/test_distributed.py, loss and grad norm too: Adam's
+    # step is almost blind to a gradient's scale, so the weights alone would not show it).
+    loss_type = "dapo"
+    from stages import checkpoint
+
+    import numpy as np
+
+    overrides = (*TINY, f"train.loss_type={loss_type}")
+    one = run(tmp_path / "one", *overrides)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(tmp_path / "two", *overrides, processes=2)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "exited with code" not in two.stderr, two.stderr[-3000:]
+    assert two.stdout.count("done: 3 steps") == 1  # rank 0 reports; rank 1 stays quiet
+
+    # One MLflow run and one checkpoint series, written by rank 0.
+    client, runs = _runs(tmp_path / "two")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rewards = client.get_metric_history(runs[0].info.run_id, "reward")
+    assert sorted(m.step for m in rewards) == [0, 1, 2]
+    root = tmp_path / "two" / ROOT
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000003"]
+    assert not (tmp_path / "two" / "outputs" / "quickstart" / "checkpoints-rank1").exists()
+
+    # Same samples, advantages and global gradient: the same weights (float32, atol 1e-5).
+    single = _weights(tmp_path / "one" / ROOT / "step-00000003")
+    parallel = _weights(root / "step-00000003")
+    assert single.keys() == parallel.keys()
+    changed = 0
+    start = _weights("builtin:tiny_qwen3")
+    for name, value in single.items():
+        np.testing.assert_allclose(
+            np.array(parallel[name]), np.array(value), atol=1e-5, rtol=0, err_msg=name
+        )
+        changed += not np.allclose(np.array(value), np.array(start[name]), atol=1e-6)
+    assert changed > len(single) // 2  # training moved the weights: the comparison is not vacuous
+    history_one = checkpoint.load_state(tmp_path / "one" / ROOT / "step-00000003")["history"]
+    history_two = checkpoint.load_state(root / "step-00000003")["history"]
+    for a, b in zip(history_one, history_two, strict=True):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+    # Resume: every process loads rank 0's checkpoint; the one MLflow run and series continue.
+    again = run(tmp_path / "two", *overrides, "train.steps=4", "run.resume=latest", processes=2)
+    assert "exited with code" not in again.stderr, again.stderr[-3000:]
+    assert again.stdout.count("done: 4 steps") == 1
+    client, runs = _runs(tmp_path / "two")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    rewards = client.get_metric_history(runs[0].info.run_id, "reward")
+    assert sorted(m.step for m in rewards) == [0, 1, 2, 3]
+    names = [p.name for p in checkpoint.list_checkpoints(root)]
+    assert names == ["step-00000003", "step-00000004"]
+    assert checkpoint.load_state(root / "step-00000004")["data_position"] == 4 * 4
+
+
+def test_world_size_must_divide_prompts_per_step(tmp_path):
+    result = run(tmp_path, *TINY, "train.prompts_per_step=3", processes=2, timeout=120)
+    # mlx.launch itself exits 0; it reports the exit codes (and stops the other process once
+    # one fails, so only the first to fail is sure to report).
+    assert "exited with code 2" in result.stderr
+    assert (
+        "error: train.prompts_per_step (3) must be divisible by the number of processes (2)"
+        in result.stderr
+    )
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_processes_with_different_configs_stop_at_start(tmp_path):
+    # mlx.launch gives each process its MLX_RANK: a config that reads it differs per rank.
+    result = run(tmp_path, *TINY, "run.name=rank${oc.env:MLX_RANK}", processes=2, timeout=120)
+    assert "error: ranks [1] have a different resolved config than rank 0" in result.stderr
+    assert "exited with code 2" in result.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
