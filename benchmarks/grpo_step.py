@@ -15,7 +15,7 @@ import argparse
 import time
 
 import stages  # noqa: F401  (before mlx.core: fast CPU BLAS)
-from stages import grpo_update, rewards
+from stages import distributed, grpo_update, rewards
 from stages.backend import resolve_dtype
 from stages.rollout import RolloutConfig, generate_rollouts
 
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16, help="rows per backward pass")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     args = parser.parse_args()
+    # Under `mlx.launch -n N` every process runs --prompts prompts: the global batch is N times
+    # larger (weak scaling), and the update averages gradients over processes.
+    world = distributed.init()
     on_gpu = mx.default_device() != mx.cpu
     shape = args.shape or ("0.6b" if on_gpu else "small")
     dtype = resolve_dtype("auto")
@@ -90,16 +93,19 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [
         rng.integers(1, model_args.vocab_size, args.prompt_tokens).tolist()
-        for _ in range(args.prompts)
-    ]
+        for _ in range(args.prompts * world.size)
+    ][world.rank * args.prompts : (world.rank + 1) * args.prompts]
+    local_rows = args.prompts * args.group_size
     optimizer = grpo_update.make_optimizer(1e-6)
     update_cfg = grpo_update.UpdateConfig(
         loss_type="dapo", beta=0.0, micro_batch_size=args.micro_batch
     )
 
-    print(
-        f"device={mx.default_device()} shape={shape} dtype={dtype} work={args.prompts}x"
-        f"{args.group_size}x{args.new_tokens} new tokens, prompt {args.prompt_tokens}"
+    say = print if world.is_main else (lambda *a, **k: None)
+    say(
+        f"device={mx.default_device()} shape={shape} dtype={dtype} processes={world.size} "
+        f"work per process={args.prompts}x{args.group_size}x{args.new_tokens} new tokens, "
+        f"prompt {args.prompt_tokens}"
     )
     timings = []
     for step in range(args.steps + 1):
@@ -109,17 +115,24 @@ def main() -> None:
             model,
             tokenizer,
             prompts,
-            RolloutConfig(group_size=args.group_size, max_new_tokens=args.new_tokens, seed=step),
+            RolloutConfig(
+                group_size=args.group_size,
+                max_new_tokens=args.new_tokens,
+                seed=step,
+                row_offset=world.rank * local_rows,
+                total_rows=world.size * local_rows,
+            ),
         )
         t1 = time.perf_counter()
         scores = rewards.score(batch, [token_count_reward], [1.0])
         t2 = time.perf_counter()
+        every_score = distributed.all_gather(scores, world)  # advantages over the global batch
         advantages = grpo_update.compute_advantages(
-            rewards.combine(scores, [1.0]), args.group_size, "group"
-        )
+            rewards.combine(every_score, [1.0]), args.group_size, "group"
+        )[world.rank * local_rows : (world.rank + 1) * local_rows]
         mx.eval(advantages)
         t3 = time.perf_counter()
-        grpo_update.update_step(model, optimizer, batch, advantages, update_cfg)
+        grpo_update.update_step(model, optimizer, batch, advantages, update_cfg, world=world)
         t4 = time.perf_counter()
         generated = int(batch.completion_mask.sum().item())
         assert generated == args.prompts * args.group_size * args.new_tokens, "early stop"
@@ -132,15 +145,19 @@ def main() -> None:
             peak_gb=mx.get_peak_memory() / 1e9,
         )
         label = "warm-up" if step == 0 else f"step {step}"
-        print(
+        say(
             f"{label:>8}: "
             + "  ".join(f"{k} {v:.3f}" + ("" if k == "peak_gb" else "s") for k, v in row.items())
         )
         if step:
             timings.append(row)
     mean = {k: sum(r[k] for r in timings) / len(timings) for k in timings[0]}
-    print(f"{'mean':>8}: " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()))
-    print(
+    say(f"{'mean':>8}: " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()))
+    say(
+        f"global tokens/s: {world.size * local_rows * args.new_tokens / mean['step']:.0f} "
+        f"(generated tokens of all processes per step time)"
+    )
+    say(
         f"anchor: TRL 1.16 GRPOTrainer (no vLLM), H200, same work: 8.27 s/step; "
         f"ours / TRL = {mean['step'] / 8.27:.2f} (meaningful only for --shape 0.6b on an H200)"
     )
