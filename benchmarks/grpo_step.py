@@ -21,28 +21,7 @@ from stages.rollout import RolloutConfig, generate_rollouts
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models import qwen3
-
-SHAPES = {
-    "0.6b": dict(
-        hidden_size=1024,
-        num_hidden_layers=28,
-        intermediate_size=3072,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-    ),
-    "small": dict(
-        hidden_size=256,
-        num_hidden_layers=4,
-        intermediate_size=768,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        vocab_size=8192,
-    ),
-}
+from rollout import SHAPES, build_model  # benchmarks/rollout.py, beside this file
 
 
 class NumberTokenizer:
@@ -77,18 +56,8 @@ def main() -> None:
     shape = args.shape or ("0.6b" if on_gpu else "small")
     dtype = resolve_dtype("auto")
 
-    mx.random.seed(0)
-    model_args = qwen3.ModelArgs(
-        model_type="qwen3",
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        **SHAPES[shape],
-    )
-    model = qwen3.Model(model_args)
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
+    model = build_model(SHAPES[shape], dtype)
+    model_args = model.args
     tokenizer = NumberTokenizer()
     rng = np.random.default_rng(0)
     prompts = [
