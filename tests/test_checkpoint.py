@@ -39,7 +39,7 @@ def test_save_load_round_trip_with_state(tiny, tmp_path):
 
 
 def test_transformers_opens_checkpoint_with_same_logits(tiny, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch  # the dev extra installs it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tokenizer = tiny
@@ -182,8 +182,8 @@ def test_save_shards_above_the_limit_with_index(tmp_path):
 
 @pytest.mark.parametrize("name", ["qwen3_tiny", "qwen3_moe_tiny"])
 def test_transformers_and_mlx_lm_open_saved_fixture(name, tmp_path):
-    torch = pytest.importorskip("torch")
     import mlx_lm
+    import torch  # the dev extra installs it
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = load(FIXTURES / name, dtype="float32")

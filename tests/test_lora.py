@@ -115,7 +115,7 @@ def test_adapters_save_in_mlx_lm_format(tiny, tiny_path, tmp_path):
 
 
 def test_fuse_saves_plain_hf_weights_transformers_opens(tiny, tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch  # the dev extra installs it
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = tiny
