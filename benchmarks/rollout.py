@@ -167,13 +167,19 @@ def run_transformers(model, shape: dict, prompts, group, new_tokens, warmup_toke
     return seconds, tokens, peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def work_arguments(description: str) -> argparse.ArgumentParser:
+    """The rollout work both rollout benchmarks take: shape, prompts, group, lengths."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
+    return parser
+
+
+def main() -> None:
+    parser = work_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per MLX system")
     parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args()

@@ -11,7 +11,6 @@ between them are the sampler's cost and the host bookkeeping's cost.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import stages  # noqa: F401  (before mlx.core: fast CPU BLAS)
@@ -22,7 +21,7 @@ from stages.rollout import RolloutConfig, Sampler, _make_caches, _prefill, gener
 
 import mlx.core as mx
 import numpy as np
-from rollout import SHAPES, build_model  # benchmarks/rollout.py, beside this file
+from rollout import SHAPES, build_model, work_arguments  # benchmarks/rollout.py, beside this file
 
 
 class _Tokenizer:
@@ -53,13 +52,7 @@ def decode_loop(model, prompts, group, steps, draw) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    args = parser.parse_args()
+    args = work_arguments(__doc__.splitlines()[0]).parse_args()
     shape = args.shape or ("0.6b" if mx.default_device() != mx.cpu else "small")
     model = build_model(SHAPES[shape], resolve_dtype("auto"))
     vocab = model.args.vocab_size

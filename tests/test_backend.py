@@ -9,11 +9,10 @@ import mlx.core as mx
 import pytest
 
 
-def test_auto_dtype_is_float32_on_cpu():
-    if mx.default_device() != mx.cpu:
-        pytest.skip("needs the CPU backend (an accelerator is present)")
-    assert backend.resolve_dtype("auto") == mx.float32
-    assert backend.resolve_dtype(None) == mx.float32
+def test_auto_dtype_is_float32_on_cpu_bfloat16_on_gpu():
+    expected = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    assert backend.resolve_dtype("auto") == expected
+    assert backend.resolve_dtype(None) == expected
     assert backend.resolve_dtype("bfloat16") == mx.bfloat16
 
 
