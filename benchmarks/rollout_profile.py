@@ -6,7 +6,11 @@ Prints, side by side: (1) `generate_rollouts`; (2) the bare decode floor: the sa
 KV cache, then one model forward per step with a greedy argmax and nothing else (no sampling, no
 host reads); (3) the floor plus our per-row sampler (`Sampler`, per-row keys, inverse-CDF
 draw); (4) the floor plus `mx.random.categorical` on the whole batch (mlx-lm's draw). The gaps
-between them are the sampler's cost and the host bookkeeping's cost.
+between them are the sampler's cost and the host bookkeeping's cost. For each decode loop it also
+prints the host's share: milliseconds per step spent building the step's graph in Python
+(mlx-lm's forward) and dispatching it (`mx.async_eval`, which on CUDA encodes every kernel on the
+calling thread). When build + dispatch is close to the step time, the step is host-bound: the
+GPU waits for the host, and only fewer or cheaper operations per step make it faster.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ class _Tokenizer:
         return ""
 
 
-def decode_loop(model, prompts, group, steps, draw) -> float:
+def decode_loop(model, prompts, group, steps, draw) -> tuple[float, float, float]:
+    """(seconds in all, seconds building graphs, seconds dispatching them) of one rollout."""
     tokens = mx.array(prompts, dtype=mx.int32)
     start = time.perf_counter()
     caches = _make_caches(model, [0] * len(prompts), 0)
@@ -43,12 +48,16 @@ def decode_loop(model, prompts, group, steps, draw) -> float:
     logits = logits[shared]
     keys = mx.random.split(mx.random.key(0), steps)
     token = draw(logits, keys[0])
+    build = dispatch = 0.0
     for step in range(1, steps):
+        tick = time.perf_counter()
         logits = model(token[:, None], cache=caches)[:, -1, :]
         token = draw(logits, keys[step])
+        tock = time.perf_counter()
         mx.async_eval(token)
+        build, dispatch = build + tock - tick, dispatch + time.perf_counter() - tock
     mx.eval(token)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, build, dispatch
 
 
 def main() -> None:
@@ -87,14 +96,20 @@ def main() -> None:
     )
     for name, run in systems.items():
         run()  # warm-up
-        seconds = min(run() for _ in range(2))
+        seconds, build, dispatch = min(run() for _ in range(2))
+        host = (
+            f"  host: build {1000 * build / args.new_tokens:5.2f} + dispatch "
+            f"{1000 * dispatch / args.new_tokens:5.2f} ms/step"
+            if build
+            else ""
+        )
         print(
             f"{name:32s} {seconds:7.3f} s  {tokens / seconds:9.0f} tokens/s  "
-            f"{1000 * seconds / args.new_tokens:6.2f} ms/step"
+            f"{1000 * seconds / args.new_tokens:6.2f} ms/step{host}"
         )
 
 
-def _time_rollout(model, prompts, args) -> float:
+def _time_rollout(model, prompts, args) -> tuple[float, float, float]:
     start = time.perf_counter()
     generate_rollouts(
         model,
@@ -102,7 +117,7 @@ def _time_rollout(model, prompts, args) -> float:
         prompts,
         RolloutConfig(group_size=args.group, max_new_tokens=args.new_tokens, seed=0),
     )
-    return time.perf_counter() - start
+    return time.perf_counter() - start, 0.0, 0.0
 
 
 if __name__ == "__main__":

@@ -127,7 +127,9 @@ class Sampler:
     processed logits.
     """
 
-    def __init__(self, cfg: RolloutConfig, special_tokens: list[int] = ()):
+    def __init__(
+        self, cfg: RolloutConfig, special_tokens: list[int] = (), compiled: bool | None = None
+    ):
         self.cfg = cfg
         processors = make_logits_processors(
             repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty != 1 else None,
@@ -150,6 +152,11 @@ class Sampler:
             sizes.append(cfg.frequency_context_size)
         self.context_size = max(sizes, default=0)
         self.special_tokens = sorted(set(special_tokens))
+        # A sampling step is a few dozen small operations, and on a GPU each one costs host
+        # time to dispatch: compiled, the elementwise ones fuse and the Python runs once per
+        # shape. On CPU the step is compute-bound and compiling costs more than it saves.
+        self.compiled = mx.default_device() != mx.cpu if compiled is None else compiled
+        self._compiled = {}
 
     def initial_history(self, prompts: list[list[int]], vocab_size: int) -> mx.array | None:
         """(n, C) last C tokens of each prompt, left-filled with `vocab_size`."""
@@ -172,6 +179,20 @@ class Sampler:
 
     def __call__(
         self, logits: mx.array, history: mx.array | None, keys: mx.array, filled: bool = True
+    ) -> tuple[mx.array, mx.array]:
+        if not self.compiled:
+            return self._sample(logits, history, keys, filled)
+        variant = (history is None, filled)
+        if variant not in self._compiled:
+            if history is None:
+                self._compiled[variant] = mx.compile(lambda x, k: self._sample(x, None, k, filled))
+            else:
+                self._compiled[variant] = mx.compile(lambda x, h, k: self._sample(x, h, k, filled))
+        inputs = (logits, keys) if history is None else (logits, history, keys)
+        return self._compiled[variant](*inputs)
+
+    def _sample(
+        self, logits: mx.array, history: mx.array | None, keys: mx.array, filled: bool
     ) -> tuple[mx.array, mx.array]:
         cfg = self.cfg
         logits = self.process(logits.astype(mx.float32), history, filled)
@@ -267,9 +288,26 @@ def check_prompts(model: nn.Module, prompts: list[list[int]]) -> None:
             )
 
 
+class UnpaddedBatchKVCache(BatchKVCache):
+    """mlx-lm's `BatchKVCache` for a batch whose rows have no left padding.
+
+    With no padding, the array mask `BatchKVCache` builds is all-true for one new token and
+    plain causal for a prompt chunk, so this passes `None` / `"causal"` instead. The result is
+    the same; the attention takes the fused kernel (on CUDA an array mask sends every layer's
+    decode attention to the unfused fallback). Rows keep zero padding when `filter` drops some.
+    """
+
+    def make_mask(self, N: int, return_array: bool = False, **kwargs):
+        if return_array or kwargs.get("window_size"):
+            return super().make_mask(N, return_array=return_array, **kwargs)
+        return None if N == 1 else "causal"
+
+
 def _make_caches(model: nn.Module, padding: list[int], max_kv_size: int) -> list:
     if max_kv_size:
         return [BatchRotatingKVCache(max_kv_size, padding) for _ in model.layers]
+    if not any(padding):
+        return [UnpaddedBatchKVCache(padding) for _ in model.layers]
     return [BatchKVCache(padding) for _ in model.layers]
 
 

@@ -1,9 +1,10 @@
-from stages import grpo_update
+from stages import grpo_update, rollout
 from stages.rollout import RolloutConfig, Sampler, generate_rollouts, sample_next
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import BatchKVCache
 
 PROMPTS = ["1+2=", "3+4=", "2+2=7+1=", "0+", "4+4=hello 1+1="]
 
@@ -35,6 +36,48 @@ def test_greedy_batched_left_padded_matches_per_prompt_uncached(tiny):
         expected = _greedy_without_cache(model, tokenizer.eos_token_ids, prompts[row // 2], 6)
         got = ids[row][mask[row] > 0].tolist()
         assert got == expected, f"row {row}: {got} != {expected}"
+
+
+@pytest.mark.parametrize("texts", [["1+2=", "3+4=", "0+1="], PROMPTS], ids=["equal", "padded"])
+def test_chunked_prefill_matches_per_prompt_uncached(tiny, monkeypatch, texts):
+    """Prompts prefilled 2 tokens at a time (causal attention over a cached prefix), with and
+    without left padding, still decode exactly like the uncached forward."""
+    model, tokenizer = tiny
+    monkeypatch.setattr(rollout, "PREFILL_STEP", 2)
+    prompts = _encode(tokenizer, texts)
+    batch = generate_rollouts(
+        model, tokenizer, prompts, RolloutConfig(group_size=2, max_new_tokens=6, temperature=0)
+    )
+    ids, mask = np.array(batch.completion_ids), np.array(batch.completion_mask)
+    for row in range(batch.num_rows):
+        expected = _greedy_without_cache(model, tokenizer.eos_token_ids, prompts[row // 2], 6)
+        assert ids[row][mask[row] > 0].tolist() == expected, f"row {row}"
+
+
+def test_unpadded_batch_samples_like_the_masked_cache(tiny, monkeypatch):
+    """Equal-length prompts take the mask-free cache; its samples and logprobs equal those of
+    mlx-lm's BatchKVCache with its explicit mask, also after finished rows are dropped."""
+    model, tokenizer = tiny
+    prompts = _encode(tokenizer, ["hello", "world", "1+2=3", "abcde"])
+    cfg = RolloutConfig(group_size=4, max_new_tokens=10, temperature=1.4, seed=3)
+    made = []
+    real = rollout._make_caches
+
+    def spy(*args):
+        made.append(type(real(*args)[0]))
+        return real(*args)
+
+    monkeypatch.setattr(rollout, "_make_caches", spy)
+    fast = generate_rollouts(model, tokenizer, prompts, cfg)
+    monkeypatch.setattr(
+        rollout, "_make_caches", lambda m, padding, _: [BatchKVCache(padding) for _ in m.layers]
+    )
+    masked = generate_rollouts(model, tokenizer, prompts, cfg)
+    assert made == [rollout.UnpaddedBatchKVCache]
+    lengths = np.array(fast.completion_mask).sum(axis=1)
+    assert lengths.min() < lengths.max()  # rows finished early and were dropped
+    assert np.array_equal(np.array(fast.completion_ids), np.array(masked.completion_ids))
+    assert np.allclose(np.array(fast.logprobs), np.array(masked.logprobs), atol=1e-5)
 
 
 def test_shapes_masks_and_padding_after_eos(tiny):
@@ -488,3 +531,32 @@ def test_a_share_of_the_batch_draws_like_its_rows_of_the_whole_batch(tiny):
             prompts[1:2],
             RolloutConfig(row_offset=total, total_rows=total, **settings),
         )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=1.3),
+        dict(temperature=0.8, top_p=0.9, min_p=0.05, top_k=20, xtc_probability=0.5),
+        dict(temperature=0, repetition_penalty=1.3, presence_penalty=0.2),
+    ],
+    ids=["plain", "filters", "greedy-penalties"],
+)
+def test_compiled_sampler_draws_what_the_plain_one_draws(settings):
+    """The sampler compiled (the GPU default) gives the same tokens and logprobs as run op by
+    op, with and without a token history, and while histories still hold the marker."""
+    vocab, rows = 50, 64
+    cfg = RolloutConfig(**settings)
+    logits = mx.random.normal((rows, vocab), key=mx.random.key(1)) * 3
+    keys = mx.random.split(mx.random.key(2), rows)
+    plain, compiled = Sampler(cfg, [0], compiled=False), Sampler(cfg, [0], compiled=True)
+    full = [list(range(i % 7, i % 7 + 30)) for i in range(rows)]
+    cases = [(None, True)]
+    if plain.context_size:  # a full history, and one where a short prompt leaves markers
+        cases += [(plain.initial_history(full, vocab), True)]
+        cases += [(plain.initial_history(full[:-1] + [[3]], vocab), False)]
+    for history, filled in cases:
+        want = plain(logits, history, keys, filled=filled)
+        got = compiled(logits, history, keys, filled=filled)
+        assert np.array_equal(np.array(got[0]), np.array(want[0]))
+        assert np.allclose(np.array(got[1]), np.array(want[1]), atol=1e-5)
