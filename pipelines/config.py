@@ -164,6 +164,9 @@ class SafetyConfig:
 class DistributedConfig:
     # Read under `mlx.launch -n N ...` (data parallel); a lone process is world size 1.
     backend: str = "any"  # any | ring | mpi | nccl
+    # After SIGTERM/Ctrl-C in a group of processes, the step has this long to finish before the
+    # process exits without saving: a step whose peer has died can never finish.
+    stop_grace_seconds: float = 300.0
 
 
 @dataclass
@@ -370,6 +373,8 @@ def _check_ops(cfg: GRPOConfig) -> None:
     _check(s.mlflow_retry_seconds > 0, "safety.mlflow_retry_seconds", s.mlflow_retry_seconds, "> 0")
     backend = cfg.distributed.backend
     _check(backend in BACKENDS, "distributed.backend", backend, " | ".join(BACKENDS))
+    grace = cfg.distributed.stop_grace_seconds
+    _check(grace > 0, "distributed.stop_grace_seconds", grace, "> 0")
     _check(
         sch.interval is None or sch.interval > 0, "schedule.interval", sch.interval, "> 0 seconds"
     )

@@ -210,7 +210,10 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
     rank_tracker = tracker  # rank 0's own logging (evaluation runs on rank 0 only)
     if world.size > 1:
         tracker = scale.ReducedTracker(tracker, world)
-    guard = safety.StepGuard(cfg.safety.max_nonfinite_steps)
+    guard = safety.StepGuard(
+        cfg.safety.max_nonfinite_steps,
+        cfg.distributed.stop_grace_seconds if world.size > 1 else None,
+    )
     status = "FAILED"
     try:
         tracker.log_params(flatten(cfg))
@@ -402,6 +405,13 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         tracker.finish(status)
 
 
+def _peer_lost(error: RuntimeError) -> str:
+    return (
+        f"lost contact with another process of the group ({error}): it exited or was killed. "
+        "The step in progress is abandoned; the last checkpoint holds every finished step"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
@@ -431,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         except rewards.RewardError as error:
             print(f"error (rank {world.rank}): {error}", file=sys.stderr)
             return 1
+        except RuntimeError as error:
+            if not distributed.is_peer_failure(error):
+                raise
+            print(f"error (rank {world.rank}): {_peer_lost(error)}", file=sys.stderr)
+            return 1
         return 0
     safety.start_prefect_server_outside_ctrl_c()
     try:
@@ -444,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
         return stopped.exit_code
     except rewards.RewardError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if world.size == 1 or not distributed.is_peer_failure(error):
+            raise
+        print(f"error: {_peer_lost(error)}", file=sys.stderr)
+        print(safety.resume_hint(overrides), file=sys.stderr)
         return 1
     first, last = summary.get("reward_first10"), summary.get("reward_last10")
     if first is not None:

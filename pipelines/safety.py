@@ -20,6 +20,7 @@ resumed run continues exactly where the checkpoint says.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import sys
@@ -53,8 +54,13 @@ class StepGuard:
     NaN or inf (each one is rolled back and skipped).
     """
 
-    def __init__(self, max_nonfinite_steps: int):
+    def __init__(self, max_nonfinite_steps: int, stop_grace_seconds: float | None = None):
         self.max_nonfinite_steps = max_nonfinite_steps
+        # With several processes, a signal may mean a peer has died (mlx.launch stops the others
+        # with SIGTERM) and the step, waiting on it in a collective, can never finish: after
+        # this many seconds the process exits instead of hanging.
+        self.stop_grace_seconds = stop_grace_seconds
+        self._deadline: threading.Timer | None = None
         self.signal_name: str | None = None
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -78,9 +84,25 @@ class StepGuard:
                 file=sys.stderr,
                 flush=True,
             )
+            if self.stop_grace_seconds is not None:
+                self._deadline = threading.Timer(self.stop_grace_seconds, self._give_up)
+                self._deadline.daemon = True
+                self._deadline.start()
             return
         self.signal_name = name
         raise KeyboardInterrupt
+
+    def _give_up(self) -> None:
+        print(
+            f"error: step {self.step + 1} did not finish within {self.stop_grace_seconds:g} s "
+            f"of {self.signal_name} (distributed.stop_grace_seconds): another process of the "
+            "group has probably stopped, so its collectives cannot complete. Exiting without "
+            "saving; the last checkpoint holds every finished step (resume with "
+            "run.resume=latest)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(143 if self.signal_name == "SIGTERM" else 130)
 
     def install(self) -> StepGuard:
         # Handlers can only be installed from the main thread; elsewhere (a flow run in a
@@ -91,6 +113,8 @@ class StepGuard:
         return self
 
     def uninstall(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -231,17 +255,22 @@ def start_prefect_server_outside_ctrl_c() -> None:
 
 
 def quiet_stop_tracebacks() -> None:
-    """Prefect logs an exception that ends a flow with its traceback; a clean stop is not a
-    crash, so on the console it is only our one-paragraph message (the flow run's state in the
-    Prefect UI still says why it ended)."""
+    """Prefect logs an exception that ends a task or flow with its traceback; a clean stop is
+    not a crash, and a lost peer is reported by `main` in one line, so on the console each is
+    only our message (the run's state in the Prefect UI still says why it ended)."""
     import logging
+
+    from stages import distributed
 
     class _DropStops(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             error = record.exc_info[1] if record.exc_info else None
-            return not isinstance(error, TrainingStopped)
+            if error is None:
+                return True
+            return not (isinstance(error, TrainingStopped) or distributed.is_peer_failure(error))
 
-    logging.getLogger("prefect.flow_runs").addFilter(_DropStops())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_DropStops())
 
 
 def resume_hint(overrides: list[str]) -> str:

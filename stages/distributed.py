@@ -29,6 +29,17 @@ class World:
         return self.rank == 0
 
 
+# How MLX's backends word a collective that failed because another process went away.
+_PEER_FAILURE_MARKS = ("[ring]", "nccl", "[mpi]", "mpi_")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the error a collective raises when another process of the group has gone
+    (ring: "[ring] connection to a peer was lost"; NCCL and MPI errors name their library)."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(mark in text for mark in _PEER_FAILURE_MARKS)
+
+
 def init(backend: str = "any") -> World:
     """Join the process group started by `mlx.launch`; a single process gets World(size=1)."""
     try:

@@ -31,3 +31,16 @@ def inf_on_calls(prompts, completions, **columns):
     bad = {int(c) for c in os.environ.get("GRPO_TEST_INF_CALLS", "").split(",") if c}
     values = exact_answer(prompts, completions, **columns)
     return [math.inf] * len(values) if _calls in bad else values
+
+
+def dies_on_call(prompts, completions, **columns):
+    """exact_answer, but the process with MLX_RANK $GRPO_TEST_DIE_RANK exits at once (os._exit,
+    as a crash or an out-of-memory kill would) on call $GRPO_TEST_DIE_CALL (1-based)."""
+    global _calls
+    _calls += 1
+    rank = os.environ.get("MLX_RANK", "0")
+    if rank == os.environ.get("GRPO_TEST_DIE_RANK") and _calls == int(
+        os.environ.get("GRPO_TEST_DIE_CALL", "0")
+    ):
+        os._exit(9)
+    return exact_answer(prompts, completions, **columns)

@@ -66,6 +66,7 @@ def test_overrides_apply_and_flatten():
         (["eval.accuracy_reward=nope"], "eval.accuracy_reward='nope' is invalid"),
         (["eval.num_samples=0"], "eval.num_samples=0 is invalid"),
         (["distributed.backend=tcp"], "distributed.backend='tcp' is invalid"),
+        (["distributed.stop_grace_seconds=0"], "distributed.stop_grace_seconds=0.0 is invalid"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragment):

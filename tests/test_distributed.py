@@ -21,6 +21,13 @@ def test_single_process_is_a_no_op():
     distributed.check_same("anything", world)
 
 
+def test_peer_failures_are_told_apart_from_other_errors():
+    assert distributed.is_peer_failure(RuntimeError("[ring] connection to a peer was lost"))
+    assert distributed.is_peer_failure(RuntimeError("NCCL error: remote process exited"))
+    assert not distributed.is_peer_failure(RuntimeError("[matmul] shapes do not match"))
+    assert not distributed.is_peer_failure(ValueError("[ring] looks alike, other type"))
+
+
 def _launch(script: str, *args: str) -> list[dict]:
     launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
     result = subprocess.run(

@@ -4,6 +4,9 @@ checkpoint validation and fallback, the step guard (NaN rollback, signals), the 
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 from stages import checkpoint, grpo_update
 from stages.grpo_update import UpdateConfig, compute_advantages
@@ -168,6 +171,36 @@ def test_first_signal_finishes_the_step_second_abandons_it():
     finally:
         guard.uninstall()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_step_that_cannot_finish_after_a_signal_exits_after_the_grace_period():
+    """With several processes, SIGTERM may mean a peer died and the step waits on it forever
+    (NCCL does not notice): after stop_grace_seconds the process exits with a clear message."""
+    script = (
+        "import os, signal, time\n"
+        "from pipelines import safety\n"
+        "guard = safety.StepGuard(5, stop_grace_seconds=0.5).install()\n"
+        "guard.step = 6\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(60)  # a collective that never returns\n"
+    )
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50
+    )
+    assert time.monotonic() - start < 30
+    assert done.returncode == 143
+    assert "error: step 7 did not finish within 0.5 s of SIGTERM" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_grace_period_ends_with_the_guard():
+    guard = safety.StepGuard(5, stop_grace_seconds=0.2).install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        guard.uninstall()  # the step finished and the loop left: no exit later
+    time.sleep(0.5)  # still alive
 
 
 def test_resume_hint_replaces_run_resume():

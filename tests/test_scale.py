@@ -21,11 +21,12 @@ TINY = (
     "mlflow.log_completions_every=1",
 )
 ROOT = Path("outputs") / "quickstart" / "checkpoints"
+HERE = Path(__file__).resolve().parent  # faults.py, the test-only reward functions
 
 
-def run(cwd: Path, *overrides: str, processes: int = 1, timeout: int = 400):
+def run(cwd: Path, *overrides: str, processes: int = 1, timeout: int = 400, env=None):
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env or {})}
     command = [sys.executable, "-m", "pipelines.grpo", *overrides]
     if processes > 1:
         launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
@@ -110,6 +111,38 @@ def test_two_ring_processes_train_like_one(tmp_path):
     names = [p.name for p in checkpoint.list_checkpoints(root)]
     assert names == ["step-00000003", "step-00000004"]
     assert checkpoint.load_state(root / "step-00000004")["data_position"] == 4 * 4
+
+
+def test_a_process_that_dies_stops_the_other_with_one_line_and_keeps_finished_steps(tmp_path):
+    """Rank 1 dies (os._exit, like an out-of-memory kill) in step 4; rank 0 must not hang: it
+    stops with one clear line and a resume command, its checkpoint of step 2 stays valid and
+    the MLflow run is marked FAILED."""
+    from stages import checkpoint
+
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    result = run(
+        tmp_path,
+        *TINY,
+        "train.steps=6",
+        "checkpoint.every=2",
+        "+reward.funcs.exact_answer._target_=faults.dies_on_call",
+        processes=2,
+        timeout=300,  # a hang fails here
+        env={"GRPO_TEST_DIE_RANK": "1", "GRPO_TEST_DIE_CALL": "4", "PYTHONPATH": path},
+    )
+    assert "exited with code 9" in result.stderr  # rank 1's death, as mlx.launch reports it
+    assert (
+        "error: lost contact with another process of the group "
+        "([ring] connection to a peer was lost)" in result.stderr
+    ), result.stderr[-3000:]
+    assert "run.resume=latest" in result.stderr
+    assert "Traceback" not in result.stderr
+    root = tmp_path / ROOT
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000002"]
+    valid, rejected = checkpoint.latest_valid(root)
+    assert valid.name == "step-00000002" and not rejected
+    _, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
 def test_world_size_must_divide_prompts_per_step(tmp_path):
