@@ -1,4 +1,4 @@
-"""mx.distributed helpers with 2 real processes over the ring backend (CPU)."""
+"""mx.distributed helpers with 2 real processes over the ring and MPI backends (CPU)."""
 
 import json
 import shutil
@@ -9,6 +9,7 @@ from pathlib import Path
 from stages import distributed
 
 import pytest
+from launching import launch_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -28,13 +29,14 @@ def test_peer_failures_are_told_apart_from_other_errors():
     assert not distributed.is_peer_failure(ValueError("[ring] looks alike, other type"))
 
 
-def _launch(script: str, *args: str) -> list[dict]:
+def _launch(script: str, *args: str, backend: str = "ring") -> list[dict]:
     launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
     result = subprocess.run(
-        [launcher, "-n", "2", "--backend", "ring", sys.executable, str(HERE / script), *args],
+        [launcher, "-n", "2", "--backend", backend, sys.executable, str(HERE / script), *args],
         capture_output=True,
         text=True,
         timeout=180,
+        env=launch_env(backend),
     )
     reports = [
         json.loads(line.split("REPORT ", 1)[1])
@@ -46,9 +48,11 @@ def _launch(script: str, *args: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_ranks_shard_gather_reduce_and_compare_configs():
-    same = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-a")
+@pytest.mark.parametrize("backend", ["ring", "mpi"])
+def test_two_ranks_shard_gather_reduce_and_compare_configs(backend):
+    same = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-a", backend=backend)
     assert [r["size"] for r in same] == [2, 2]
+    assert [r["backend"] for r in same] == [backend, backend]
     assert [r["shard"] for r in same] == [[0, 4], [4, 8]]
     assert same[0]["gathered"] == [0.0, 0.0, 1.0, 1.0] == same[1]["gathered"]
     assert same[0]["sum"] == 3.0
@@ -62,7 +66,7 @@ def test_two_ranks_shard_gather_reduce_and_compare_configs():
         "prompts per step (3) must be divisible by the number of processes (2)"
         in same[0]["shard_error"]
     )
-    differ = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-b")
+    differ = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-b", backend=backend)
     assert all("ranks [1] have a different resolved config" in r["config"] for r in differ)
 
 

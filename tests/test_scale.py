@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launching import launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +25,14 @@ ROOT = Path("outputs") / "quickstart" / "checkpoints"
 HERE = Path(__file__).resolve().parent  # faults.py, the test-only reward functions
 
 
-def run(cwd: Path, *overrides: str, processes: int = 1, timeout: int = 400, env=None):
+def run(cwd: Path, *overrides: str, processes=1, timeout=400, env=None, backend="ring"):
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env or {})}
+    tracking = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env = {**launch_env(backend), **tracking, **(env or {})}
     command = [sys.executable, "-m", "pipelines.grpo", *overrides]
     if processes > 1:
         launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-        command = [launcher, "-n", str(processes), "--backend", "ring", *command]
+        command = [launcher, "-n", str(processes), "--backend", backend, *command]
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -56,7 +58,7 @@ def _runs(cwd: Path):
     return client, client.search_runs([experiment.experiment_id])
 
 
-def test_two_ring_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one_over_ring_and_mpi(tmp_path):
     # dapo (the default): its token count is summed over ranks. Every loss_type's normaliser is
     # checked at the update level (tests/test_distributed.py, loss and grad norm too: Adam's
     # step is almost blind to a gradient's scale, so the weights alone would not show it).
@@ -111,6 +113,17 @@ def test_two_ring_processes_train_like_one(tmp_path):
     names = [p.name for p in checkpoint.list_checkpoints(root)]
     assert names == ["step-00000003", "step-00000004"]
     assert checkpoint.load_state(root / "step-00000004")["data_position"] == 4 * 4
+
+    # The same over MLX's MPI backend (Open MPI from the dev extra): the same weights again.
+    mpi = run(tmp_path / "mpi", *overrides, "distributed.backend=mpi", processes=2, backend="mpi")
+    assert mpi.stdout.count("done: 3 steps") == 1, mpi.stdout[-2000:] + mpi.stderr[-3000:]
+    _, runs = _runs(tmp_path / "mpi")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    over_mpi = _weights(tmp_path / "mpi" / ROOT / "step-00000003")
+    for name, value in single.items():
+        np.testing.assert_allclose(
+            np.array(over_mpi[name]), np.array(value), atol=1e-5, rtol=0, err_msg=name
+        )
 
 
 def test_a_process_that_dies_stops_the_other_with_one_line_and_keeps_finished_steps(tmp_path):

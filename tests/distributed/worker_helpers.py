@@ -1,6 +1,8 @@
-"""Run by tests/test_distributed.py under `mlx.launch -n 2 --backend ring`; prints JSON per rank."""
+"""Run by tests/test_distributed.py under `mlx.launch -n 2 --backend $GRPO_TEST_BACKEND` (ring or
+mpi); prints JSON per rank."""
 
 import json
+import os
 import sys
 
 import stages  # noqa: F401
@@ -8,8 +10,8 @@ from stages import distributed
 
 import mlx.core as mx
 
-world = distributed.init("ring")
-report = {"rank": world.rank, "size": world.size}
+world = distributed.init(os.environ.get("GRPO_TEST_BACKEND", "ring"))
+report = {"rank": world.rank, "size": world.size, "backend": os.environ.get("GRPO_TEST_BACKEND")}
 report["shard"] = [distributed.shard(8, world).start, distributed.shard(8, world).stop]
 gathered = distributed.all_gather(mx.array([float(world.rank)] * 2), world)
 report["gathered"] = gathered.tolist()
