@@ -19,6 +19,7 @@ the training forward pass at the same temperature, as TRL computes them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -226,6 +227,15 @@ _split_rows = mx.vmap(lambda key: mx.random.split(key))  # (n, 2) -> (n, 2, 2)
 _uniform_rows = mx.vmap(lambda key: mx.random.uniform(key=key))  # (n, 2) -> (n,)
 
 
+def _exp(x: mx.array) -> mx.array:
+    """exp(x). On CPU as 2 ** (x log2 e): MLX's CPU `power` is about 2.5x faster than its `exp`
+    (5.1 vs 12.5 ms for 64 x 16,384 floats on this project's CPU), within 1.2e-7 relative, and
+    this pass over the vocabulary is the largest part of sampling there."""
+    if mx.default_device() == mx.cpu:
+        return mx.power(2.0, x * math.log2(math.e))
+    return mx.exp(x)
+
+
 def _draw_rows(keys: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
     """One exact categorical draw per row from softmax(logits), by inverse CDF with the row's
     key, and log p of the drawn token. (n, 2), (n, V) -> (n,), (n,).
@@ -235,7 +245,7 @@ def _draw_rows(keys: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
     on top of the log-softmax, which dominates a CPU decode step. -inf entries are never drawn.
     """
     top = mx.max(logits, axis=-1, keepdims=True)
-    cdf = mx.cumsum(mx.exp(logits - top), axis=-1)
+    cdf = mx.cumsum(_exp(logits - top), axis=-1)
     total = cdf[:, -1:]
     # u < total strictly, so the first index with cdf > u exists and has p > 0
     u = mx.minimum(_uniform_rows(keys)[:, None] * total, total * (1 - 2**-23))
