@@ -327,6 +327,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             seconds = time.perf_counter() - step_start
             tokens = sum(map(len, batch.prompt_ids)) + batch.completion_mask.sum().item()
             tracker.log_metrics({"tokens/s": tokens / seconds, "step_seconds": seconds}, step)
+            tracker.end_step()  # the step's metrics from every stage, in one MLflow write
             mean_reward = rewards.combine(all_scores, weights).mean().item()
             history.append({"step": step, "reward": mean_reward, "loss": metrics["loss"]})
             if cfg.mlflow.log_completions_every and step % cfg.mlflow.log_completions_every == 0:

@@ -67,6 +67,7 @@ class Tracker:
         self.spool = Path(spool) if spool is not None else None
         self.retry_seconds = retry_seconds
         self._pending: list[dict] = []
+        self._step_metrics: dict | None = None  # this step's metrics, written as one batch
         self._down_since: float | None = None
         self._next_try = 0.0
         self._warned = False
@@ -104,6 +105,8 @@ class Tracker:
     # -- resilient delivery ------------------------------------------------------------------
 
     def _submit(self, record: dict) -> None:
+        if record["kind"] != "metrics":
+            self.end_step()  # records reach MLflow in the order they were logged
         record.setdefault("run_id", self.run_id)
         self._pending.append(record)
         if self.spool is not None and self._down_since is not None:
@@ -157,9 +160,21 @@ class Tracker:
         self._submit({"kind": "params", "params": {k: str(v)[:6000] for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+        """Collects a step's metrics (from every stage) into one MLflow write, sent by
+        `end_step`, by the first metric of another step or before any other record."""
         values = {k: float(v) for k, v in metrics.items()}
-        self._submit({"kind": "metrics", "metrics": values, "step": step, "timestamp": now})
+        if self._step_metrics is not None and self._step_metrics["step"] != step:
+            self.end_step()
+        if self._step_metrics is None:
+            now = int(time.time() * 1000)
+            self._step_metrics = {"kind": "metrics", "metrics": {}, "step": step, "timestamp": now}
+        self._step_metrics["metrics"].update(values)
+
+    def end_step(self) -> None:
+        """Send the metrics collected for the current step (one write to MLflow)."""
+        record, self._step_metrics = self._step_metrics, None
+        if record is not None:
+            self._submit(record)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._submit({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})

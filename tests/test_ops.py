@@ -225,9 +225,10 @@ def test_mlflow_server_down_mid_run_loses_nothing(tmp_path, prefect_api, mlflow_
 
     wait_for(logged_step_1, 240, "step 1 in MLflow")
     server.stop()
-    pause.touch()  # hold training at its next reward call once it has noticed the outage
     stderr_file = tmp_path / "stderr.txt"
+    # The step's metrics go to MLflow at its end: that write finds the server gone.
     wait_for(lambda: "is unreachable" in stderr_file.read_text(), 60, "the outage warning")
+    pause.touch()  # hold training at its next reward call while the server restarts
     server.start(timeout=180)
     pause.unlink()
     assert process.wait(timeout=240) == 0, stderr_file.read_text()[-3000:]

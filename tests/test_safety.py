@@ -216,9 +216,11 @@ def test_tracker_spools_while_mlflow_is_down_and_sends_when_back(tmp_path, capsy
     tracker = Tracker("exp", "run", uri, spool=spool, retry_seconds=0.0)
     store = tracker.client
     tracker.log_metrics({"reward": 0.5}, 0)
+    tracker.end_step()
     tracker.client = MlflowClient("http://127.0.0.1:9")  # nothing listens: connection refused
     for step in (1, 2, 3):
         tracker.log_metrics({"reward": step / 10}, step)
+        tracker.end_step()
     tracker.set_tags({"note": "down"})
     err = capsys.readouterr().err
     assert err.count("is unreachable") == 1 and "training goes on" in err
@@ -227,6 +229,7 @@ def test_tracker_spools_while_mlflow_is_down_and_sends_when_back(tmp_path, capsy
 
     tracker.client = store  # the server is back
     tracker.log_metrics({"reward": 0.4}, 4)
+    tracker.end_step()
     assert "reachable again" in capsys.readouterr().err
     assert not spool.exists()
     history = store.get_metric_history(tracker.run_id, "reward")
@@ -238,6 +241,39 @@ def test_tracker_spools_while_mlflow_is_down_and_sends_when_back(tmp_path, capsy
         (4, pytest.approx(0.4)),
     ]
     assert store.get_run(tracker.run_id).data.tags["note"] == "down"
+
+
+def test_a_steps_metrics_reach_mlflow_in_one_write_and_in_order(tmp_path):
+    """Every stage logs its own metrics; MLflow (a SQLite commit per write) gets one write per
+    step, sent at the end of the step or before any other record, so the order is kept."""
+    tracker = Tracker("exp", "run", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = tracker.client
+    sent = []
+
+    class Recording:
+        def __getattr__(self, name):
+            def call(*args, **kwargs):
+                sent.append((name, sorted(m.key for m in kwargs.get("metrics", []))))
+                return getattr(store, name)(*args, **kwargs)
+
+            return call
+
+    tracker.client = Recording()
+    tracker.log_metrics({"reward": 0.5}, 0)
+    tracker.log_metrics({"loss": 1.0, "grad_norm": 2.0}, 0)
+    assert sent == []  # nothing written mid-step
+    tracker.end_step()
+    assert sent == [("log_batch", ["grad_norm", "loss", "reward"])]
+    tracker.log_metrics({"reward": 0.7}, 1)
+    tracker.log_metrics({"reward": 0.9}, 2)  # a new step sends the previous one
+    tracker.set_tags({"note": "x"})  # any other record sends the pending metrics first
+    assert sent[1:] == [("log_batch", ["reward"]), ("log_batch", ["reward"]), ("log_batch", [])]
+    history = store.get_metric_history(tracker.run_id, "reward")
+    assert sorted((m.step, m.value) for m in history) == [
+        (0, 0.5),
+        (1, pytest.approx(0.7)),
+        (2, pytest.approx(0.9)),
+    ]
 
 
 def test_spool_left_at_the_end_is_sent_by_flush(tmp_path, capsys):
@@ -267,6 +303,7 @@ def test_spool_left_by_a_crashed_run_is_sent_by_the_resumed_run(tmp_path, capsys
     crashed.client = MlflowClient("http://127.0.0.1:9")
     for step in range(3):
         crashed.log_metrics({"reward": float(step)}, step)
+        crashed.end_step()
     assert len(spool.read_text().splitlines()) == 3
     run_id = crashed.run_id
     del crashed  # killed while MLflow was down: only the spool on disk remains
