@@ -13,5 +13,9 @@ import stages  # noqa: F401
 # temporary server's telemetry would log an error on machines without internet.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary server is stopped when the run exits; its event recorder sometimes loses that
+# race and logs a traceback after the run has finished. Its logs are internal: show only the
+# critical ones (the run's own failures are logged by this process, not the server).
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
 # The temporary server needs ~10 s on an idle 2-core machine; give a loaded one time too.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
