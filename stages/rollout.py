@@ -157,7 +157,7 @@ class Sampler:
         # time to dispatch: compiled, the elementwise ones fuse and the Python runs once per
         # shape. On CPU the step is compute-bound and compiling costs more than it saves.
         self.compiled = mx.default_device() != mx.cpu if compiled is None else compiled
-        self._compiled = {}
+        self._traced = {}
 
     def initial_history(self, prompts: list[list[int]], vocab_size: int) -> mx.array | None:
         """(n, C) last C tokens of each prompt, left-filled with `vocab_size`."""
@@ -184,13 +184,13 @@ class Sampler:
         if not self.compiled:
             return self._sample(logits, history, keys, filled)
         variant = (history is None, filled)
-        if variant not in self._compiled:
+        if variant not in self._traced:
             if history is None:
-                self._compiled[variant] = mx.compile(lambda x, k: self._sample(x, None, k, filled))
+                self._traced[variant] = mx.compile(lambda x, k: self._sample(x, None, k, filled))
             else:
-                self._compiled[variant] = mx.compile(lambda x, h, k: self._sample(x, h, k, filled))
+                self._traced[variant] = mx.compile(lambda x, h, k: self._sample(x, h, k, filled))
         inputs = (logits, keys) if history is None else (logits, history, keys)
-        return self._compiled[variant](*inputs)
+        return self._traced[variant](*inputs)
 
     def _sample(
         self, logits: mx.array, history: mx.array | None, keys: mx.array, filled: bool
