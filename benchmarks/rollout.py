@@ -85,7 +85,7 @@ def build_model(shape: dict, dtype):
 
 
 def run_ours(model, prompts, group, new_tokens) -> int:
-    cfg = RolloutConfig(group_size=group, max_new_tokens=new_tokens, temperature=1.0, seed=0)
+    cfg = RolloutConfig(group_size=group, max_new_tokens=new_tokens, temperature=1.0)
     batch = generate_rollouts(model, NoStopTokenizer(), prompts, cfg)
     return int(batch.completion_mask.sum().item())
 

@@ -115,7 +115,7 @@ def _time_rollout(model, prompts, args) -> tuple[float, float, float]:
         model,
         _Tokenizer(),
         prompts,
-        RolloutConfig(group_size=args.group, max_new_tokens=args.new_tokens, seed=0),
+        RolloutConfig(group_size=args.group, max_new_tokens=args.new_tokens),
     )
     return time.perf_counter() - start, 0.0, 0.0
 
