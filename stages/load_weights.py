@@ -37,10 +37,15 @@ class CheckpointError(ValueError):
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A model directory for `path`, building a built-in model on first use."""
+    """A model directory for `path`, building a built-in model, or converting a `.gguf` file
+    (stages/gguf.py, cached), on first use."""
     text = str(path)
     if text.startswith(BUILTIN_PREFIX):
         return tiny_model.builtin_path(text[len(BUILTIN_PREFIX) :])
+    if text.lower().endswith(".gguf"):
+        from stages import gguf
+
+        return gguf.converted_path(text)
     return Path(text).expanduser()
 
 
