@@ -483,7 +483,7 @@ def convert(gguf_file: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose a new directory")
     header = read_header(gguf_file)
-    arrays, metadata = mx.load(str(gguf_file), return_metadata=True)
+    arrays, metadata = mx.load(str(gguf_file), format="gguf", return_metadata=True)
     config = hf_config(metadata, gguf_file)
     weights = hf_weights(arrays, header, config, gguf_file)
     for tensor in header.tensors:
@@ -538,7 +538,7 @@ def converted_path(gguf_file: str | Path) -> Path:
     gguf_file = Path(gguf_file).expanduser()
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} does not exist (or is not a file)")
-    target = cache_root() / f"gguf-{gguf_file.stem}-{content_digest(gguf_file)}"
+    target = cache_root() / f"gguf-{content_digest(gguf_file)}"
     if (target / "config.json").exists():
         return target
     try:
