@@ -45,7 +45,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = MISSING  # HF-format directory or builtin:<name>
+    path: str = MISSING  # HF-format directory, llama.cpp .gguf file, or builtin:<name>
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU/Metal; checkpoint = as stored
     lora: LoraConfig = field(default_factory=LoraConfig)
     fuse_lora_at_end: bool = False  # merge the adapters and save full HF weights to <out>/fused

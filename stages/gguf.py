@@ -169,9 +169,9 @@ class _Cursor:
 def read_header(path: str | Path) -> GGUFHeader:
     """Parse and check a GGUF file's header without reading any tensor.
 
-    Raises GGUFError (one line) for a missing or foreign file, an unsupported version, a header
-    or tensor that runs past the end of the file, an architecture other than ARCHITECTURES, or a
-    tensor type MLX cannot read.
+    Raises GGUFError (one line) for a foreign file, an unsupported version, a header or tensor
+    that runs past the end of the file, an architecture other than ARCHITECTURES, or a tensor
+    type MLX does not read correctly; FileNotFoundError for a missing file.
     """
     path = Path(path)
     if not path.is_file():
@@ -188,7 +188,7 @@ def read_header(path: str | Path) -> GGUFHeader:
             raise GGUFError(f"{path} is truncated ({size} bytes); download or export it again")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             header = _parse(path, data)
-    _check_tensors(path, header, size)
+    _check_usable(path, header, size)
     return header
 
 
@@ -231,7 +231,7 @@ def _parse(path: Path, data) -> GGUFHeader:
     return GGUFHeader(version, scalars, tensors, data_start)
 
 
-def _check_tensors(path: Path, header: GGUFHeader, size: int) -> None:
+def _check_usable(path: Path, header: GGUFHeader, size: int) -> None:
     architecture = header.architecture
     if architecture not in ARCHITECTURES:
         raise GGUFError(

@@ -85,17 +85,15 @@ def _close_to(got: np.ndarray, expected: np.ndarray) -> None:
 def test_header_agrees_with_llama_cpp_reader(smollm2):
     from gguf import GGUFReader
 
-    header = gguf.read_header(smollm2)
+    header, reader = gguf.read_header(smollm2), GGUFReader(smollm2)
     assert header.version == 3 and header.architecture == "llama"
     theirs = {
         t.name: (tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, int(t.n_bytes))
-        for t in GGUFReader(smollm2).tensors
+        for t in reader.tensors
     }
     assert {t.name: (t.shape, t.type_name, t.nbytes) for t in header.tensors} == theirs
     assert {t.type_name for t in header.tensors} == {"F32", "Q4_1", "Q8_0"}
-    assert (
-        header.data_start + header.tensors[0].offset == GGUFReader(smollm2).tensors[0].data_offset
-    )
+    assert header.data_start + header.tensors[0].offset == reader.tensors[0].data_offset
 
 
 @pytest.mark.slow
