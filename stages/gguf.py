@@ -227,6 +227,8 @@ def _parse(path: Path, data) -> GGUFHeader:
             raise GGUFError(f"{path} is corrupt: tensor {name} has dimensions {dims}")
         tensors.append(TensorInfo(name, tuple(reversed(dims)), type_id, offset, nbytes))
     alignment = scalars.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise GGUFError(f"{path} is corrupt: general.alignment is {alignment!r}")
     data_start = -(-cursor.offset // alignment) * alignment
     return GGUFHeader(version, scalars, tensors, data_start)
 
@@ -390,13 +392,13 @@ def hf_weights(arrays: dict, header: GGUFHeader, config: dict, path: Path) -> di
 
     Sets config["tie_word_embeddings"] (no `output.weight`: the head is the embedding).
     """
-    weights, unknown = {}, []
+    hf_names, unknown = {}, []  # GGUF name -> HF name
     for tensor in header.tensors:
         name = tensor.name
         if name in _GLOBAL_NAMES:
-            hf_name = _GLOBAL_NAMES[name]
+            hf_names[name] = _GLOBAL_NAMES[name]
         elif (match := _BLOCK_TENSOR.match(name)) and match[2] in _BLOCK_NAMES:
-            hf_name = f"model.layers.{match[1]}.{_BLOCK_NAMES[match[2]]}.weight"
+            hf_names[name] = f"model.layers.{match[1]}.{_BLOCK_NAMES[match[2]]}.weight"
         elif name == "rope_freqs.weight":
             raise GGUFError(
                 f"{path} has rope_freqs (Llama 3.1-style RoPE scaling), which is not supported; "
@@ -404,27 +406,29 @@ def hf_weights(arrays: dict, header: GGUFHeader, config: dict, path: Path) -> di
             )
         else:
             unknown.append(name)
-            continue
+    if unknown:
+        raise GGUFError(
+            f"{path} has tensors a Llama model does not ({', '.join(unknown[:3])}"
+            f"{', ...' if len(unknown) > 3 else ''}); use an HF-format directory of it instead"
+        )
+    config["tie_word_embeddings"] = "output.weight" not in hf_names
+    # Shapes before any reshape, so an inconsistent file is one line naming the tensor.
+    shapes = {hf_names[t.name]: t.shape for t in header.tensors}
+    expected = _expected_shapes(config)
+    for name in sorted(expected.keys() | shapes.keys()):
+        if shapes.get(name) != expected.get(name):
+            raise GGUFError(
+                f"{path}: tensor for {name} is {shapes.get(name) or 'missing'}, its metadata "
+                f"implies {expected.get(name) or 'none'}; the file is inconsistent, export it again"
+            )
+    weights = {}
+    for name, hf_name in hf_names.items():
         value = _dequantized(arrays, name)
         if name.endswith(".attn_q.weight"):
             value = unpermute_rows(value, config["num_attention_heads"])
         elif name.endswith(".attn_k.weight"):
             value = unpermute_rows(value, config["num_key_value_heads"])
         weights[hf_name] = value
-    if unknown:
-        raise GGUFError(
-            f"{path} has tensors a Llama model does not ({', '.join(unknown[:3])}"
-            f"{', ...' if len(unknown) > 3 else ''}); use an HF-format directory of it instead"
-        )
-    config["tie_word_embeddings"] = "lm_head.weight" not in weights
-    expected = _expected_shapes(config)
-    for name in sorted(expected.keys() | weights.keys()):
-        got = tuple(weights[name].shape) if name in weights else None
-        if got != expected.get(name):
-            raise GGUFError(
-                f"{path}: tensor for {name} is {got or 'missing'}, its metadata implies "
-                f"{expected.get(name) or 'none'}; the file is inconsistent, export it again"
-            )
     return weights
 
 

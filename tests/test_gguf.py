@@ -577,3 +577,17 @@ def test_llama3_rope_freqs_are_refused(tmp_path):
     assert "has rope_freqs (Llama 3.1-style RoPE scaling), which is not supported" in _one_line(
         error
     )
+
+
+def test_tensor_shape_that_disagrees_with_metadata(tmp_path):
+    weights = _hf_weights()
+    weights["model.layers.0.mlp.gate_proj.weight"] = weights["model.layers.0.mlp.gate_proj.weight"][
+        :128
+    ]
+    bad = _write_llama(tmp_path / "inconsistent.gguf", _to_gguf(weights))
+    with pytest.raises(gguf.GGUFError) as error:
+        gguf.convert(bad, tmp_path / "out")
+    assert (
+        "tensor for model.layers.0.mlp.gate_proj.weight is (128, 256), its metadata implies "
+        "(256, 256); the file is inconsistent" in _one_line(error)
+    )
