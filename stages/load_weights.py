@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from stages import tiny_model
+from stages import gguf, tiny_model
 from stages.backend import resolve_dtype
 from stages.hf_format import mlx_lm_overrides
 from stages.lora import LoraConfig
@@ -45,7 +45,8 @@ class ModelConfig:
     """`model.*`: which weights to train, in which dtype, and LoRA."""
 
     path: str = setting(
-        MISSING, "HF-format directory, or builtin:tiny_qwen3 / builtin:tiny_qwen3_moe"
+        MISSING,
+        "HF-format directory, llama.cpp .gguf file, or builtin:tiny_qwen3 / builtin:tiny_qwen3_moe",
     )
     dtype: str = setting(
         "auto",
@@ -72,10 +73,13 @@ class ModelConfig:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A model directory for `path`, building a built-in model on first use."""
+    """A model directory for `path`, building a built-in model, or converting a `.gguf` file
+    (stages/gguf.py, cached), on first use."""
     text = str(path)
     if text.startswith(BUILTIN_PREFIX):
         return tiny_model.builtin_path(text[len(BUILTIN_PREFIX) :])
+    if text.lower().endswith(".gguf"):
+        return gguf.converted_path(text)
     return Path(text).expanduser()
 
 
