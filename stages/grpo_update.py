@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 
 from stages import distributed, grad_checkpoint, lora
 from stages.advantages import AGGREGATIONS, SCALE_REWARDS
-from stages.entropy import high_entropy_mask, token_entropy
+from stages.entropy import high_entropy_mask
 from stages.losses import IS_LEVELS, LOSS_TYPES, find_loss_type, grpo_loss
-from stages.policy import PackedBatch, completion_logits, pack, take_rows, token_logprobs
+from stages.policy import PackedBatch, StagedEval, completion_logprobs, pack, take_rows
 from stages.settings import check, one_of, setting
 
 import mlx.core as mx
@@ -154,11 +154,10 @@ def _loss_fn(
     max_completion_length: int,
     num_items_in_batch,
     scale,
+    stages: StagedEval,
 ):
-    logits = completion_logits(model, packed, temperature)
-    logprobs = token_logprobs(logits, packed.completion_ids)
+    logprobs, entropies = completion_logprobs(model, packed, temperature, stages=stages)
     mask = packed.completion_mask
-    entropies = token_entropy(mx.stop_gradient(logits))
     entropy_mask = None
     if cfg.top_entropy_quantile < 1.0:
         entropy_mask = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile)
@@ -270,9 +269,8 @@ def _update_step(
     def no_grad_logprobs(net):
         values = []
         for chunk in chunks_of(np.arange(n_rows)):
-            logprobs = token_logprobs(
-                completion_logits(net, take_rows(packed, chunk), temperature),
-                packed.completion_ids[chunk],
+            logprobs, _ = completion_logprobs(
+                net, take_rows(packed, chunk), temperature, entropies=False
             )
             values.append(mx.stop_gradient(logprobs))
             mx.eval(values[-1])
@@ -304,6 +302,7 @@ def _update_step(
                 chunk_tokens = token_counts[chunk].sum().item()
                 share = rule.micro_batch_weight(chunk.size, len(rows), chunk_tokens, step_tokens)
                 scale = share * world_scale
+                stages = StagedEval()
                 (loss, metrics), chunk_grads = loss_and_grad(
                     model,
                     take_rows(packed, chunk),
@@ -315,7 +314,9 @@ def _update_step(
                     max_completion_length,
                     num_items,
                     scale,
+                    stages,
                 )
+                stages.run()  # the vocabulary head block by block, then the rest
                 if grads is not None:
                     chunk_grads = tree_map(lambda a, b: a + b, grads, chunk_grads)
                 grads = chunk_grads

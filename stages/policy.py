@@ -4,18 +4,26 @@ A RolloutBatch is packed as [prompt | completion | pad] rows with positions from
 pass gives the hidden states, and only the positions that predict completion tokens go through
 the vocabulary head. The log-probs are log_softmax(logits / temperature) of each completion
 token, as TRL computes them.
+
+The vocabulary head is the memory problem of GRPO: a micro-batch's completion logits (rows x
+positions x vocabulary, float32; 151,936 columns for Qwen3) and their gradient are larger than
+the rest of the update together. `completion_logprobs` never holds them: it runs the head over
+chunks of positions, keeps only each position's log-prob and entropy, and (under `mx.checkpoint`)
+recomputes a chunk's logits in the backward pass instead of storing them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stages.entropy import token_entropy
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# float32 logits per chunk when recomputing log-probs outside the update (bounds memory)
-LOGITS_BUDGET = 1 << 27
+# float32 logits of one block of vocabulary columns (all positions x block columns): 64 MiB
+LOGITS_BUDGET = 1 << 24
 
 
 @dataclass
@@ -93,18 +101,216 @@ def token_logprobs(logits: mx.array, token_ids: mx.array) -> mx.array:
     return mx.take_along_axis(logprobs, token_ids[..., None], axis=-1)[..., 0]
 
 
+class StagedEval:
+    """Parts of a lazily built graph to evaluate one at a time, in order, before the rest.
+
+    MLX schedules a graph breadth first and allocates ahead of the compute, so the independent
+    blocks of the vocabulary head would all hold their logits at once. While the loss and its
+    gradient are built, the head registers each block's results here; `run()` evaluates them
+    block by block (each evaluation frees its block's logits), and then the caller evaluates the
+    gradients as usual.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list = []
+
+    def add(self, *arrays: mx.array) -> None:
+        self._pending.append(arrays)
+
+    def run(self) -> None:
+        while self._pending:
+            mx.eval(self._pending.pop(0))  # popped first: a block's arrays die after their eval
+
+
+class _Head:
+    """The vocabulary head as a (V, D) matrix cut into row blocks: an Embedding used as a linear
+    layer (tied embeddings) or a Linear without bias, plain or quantized."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.quantized = "scales" in module
+        names = ("weight", "scales", "biases") if self.quantized else ("weight",)
+        self.names = [n for n in names if n in module]
+        # A frozen head (LoRA, QLoRA) needs no weight gradient.
+        self.trainable = bool(module.trainable_parameters()) and not self.quantized
+
+    @staticmethod
+    def of(model: nn.Module) -> _Head | None:
+        """The head of an mlx-lm causal LM, or None when it is not a plain (V, D) matrix."""
+        backbone = getattr(model, "model", None)
+        args = getattr(model, "args", None)
+        if backbone is None or args is None:
+            return None
+        tied = getattr(args, "tie_word_embeddings", False)
+        module = backbone.embed_tokens if tied else getattr(model, "lm_head", None)
+        if module is None or "bias" in module or "weight" not in module:
+            return None
+        return _Head(module)
+
+    def arrays(self) -> list[mx.array]:
+        return [self.module[n] for n in self.names]
+
+    @property
+    def vocab(self) -> int:
+        return self.module["weight"].shape[0]
+
+    def logits(self, arrays: list, hidden: mx.array, start: int, stop: int) -> mx.array:
+        """hidden (R, D) @ rows start:stop of the head, transposed -> (R, stop - start)."""
+        if not self.quantized:
+            return hidden @ arrays[0][start:stop].T
+        return self._quantized_matmul(hidden, arrays, start, stop, transpose=True)
+
+    def back(self, arrays: list, grad: mx.array, start: int, stop: int) -> mx.array:
+        """grad (R, stop - start) @ rows start:stop of the head -> (R, D)."""
+        if not self.quantized:
+            return grad @ arrays[0][start:stop]
+        return self._quantized_matmul(grad, arrays, start, stop, transpose=False)
+
+    def _quantized_matmul(self, x, arrays, start, stop, transpose):
+        named = dict(zip(self.names, arrays))
+        biases = named.get("biases")
+        m = self.module
+        return mx.quantized_matmul(
+            x,
+            named["weight"][start:stop],
+            scales=named["scales"][start:stop],
+            biases=None if biases is None else biases[start:stop],
+            transpose=transpose,
+            group_size=m.group_size,
+            bits=m.bits,
+            mode=m.mode,
+        )
+
+
+@mx.compile
+def _block_stats(logits: mx.array, temperature: mx.array, local_ids: mx.array) -> mx.array:
+    """One vocabulary block's share of each row's log-prob and entropy, (4, R): the block max
+    m, sum exp(z - m), sum exp(z - m) z, and the chosen token's z where it is in the block;
+    z = logits / temperature in float32."""
+    z = logits.astype(mx.float32) / temperature
+    width = z.shape[1]
+    inside = (local_ids >= 0) & (local_ids < width)
+    picked = mx.take_along_axis(z, mx.clip(local_ids, 0, width - 1)[:, None], axis=-1)[:, 0]
+    top = z.max(axis=-1)
+    weights = mx.exp(z - top[:, None])
+    return mx.stack([top, weights.sum(-1), (weights * z).sum(-1), mx.where(inside, picked, 0.0)])
+
+
+@mx.compile
+def _block_grad(logits, temperature, local_ids, normaliser, grad) -> mx.array:
+    """d loss / d logits of one block, (R, width): grad_r (onehot - softmax) / temperature."""
+    z = logits.astype(mx.float32) / temperature
+    probs = mx.exp(z - normaliser[:, None])
+    chosen = mx.arange(z.shape[1])[None, :] == local_ids[:, None]
+    return (grad / temperature)[:, None] * (chosen.astype(mx.float32) - probs)
+
+
+def _combine(stats: list[mx.array]) -> tuple[mx.array, mx.array, mx.array]:
+    """(log-probs, entropies, log-normalisers), each (R,), from the blocks' stats."""
+    stats = mx.stack(stats)  # (blocks, 4, R)
+    top = stats[:, 0].max(axis=0)
+    scale = mx.exp(stats[:, 0] - top)
+    total = (stats[:, 1] * scale).sum(axis=0)
+    weighted = (stats[:, 2] * scale).sum(axis=0)
+    normaliser = top + mx.log(total)
+    return stats[:, 3].sum(axis=0) - normaliser, normaliser - weighted / total, normaliser
+
+
+def _head_logprobs(head: _Head, temperature: float, block: int, stages: StagedEval | None):
+    """f(hidden (R, D), ids (R,), *head arrays) -> (log-probs, entropies, log-normalisers),
+    each (R,) float32, computed over blocks of `block` vocabulary rows. With `stages` the
+    function carries a gradient (custom vjp: each block's logits recomputed, never stored) and
+    registers its blocks there; without, it evaluates block by block and has no gradient."""
+    tau = mx.array(temperature, dtype=mx.float32)
+    spans = [(start, min(start + block, head.vocab)) for start in range(0, head.vocab, block)]
+
+    def forward(hidden, ids, *arrays):
+        stats = []
+        for start, stop in spans:
+            stats.append(_block_stats(head.logits(arrays, hidden, start, stop), tau, ids - start))
+            if stages is None:
+                mx.eval(stats[-1])
+            else:
+                stages.add(stats[-1])
+        return _combine(stats)
+
+    if stages is None:
+        return forward
+
+    run = mx.custom_function(forward)
+
+    @run.vjp
+    def backward(primals, cotangents, outputs):
+        hidden, ids, *arrays = primals
+        grad, normaliser = cotangents[0], mx.stop_gradient(outputs[2])
+        d_hidden = None
+        d_weight = mx.zeros_like(arrays[0]) if head.trainable else None
+        for start, stop in spans:
+            logits = head.logits(arrays, hidden, start, stop)
+            d_logits = _block_grad(logits, tau, ids - start, normaliser, grad).astype(logits.dtype)
+            part = head.back(arrays, d_logits, start, stop)
+            d_hidden = part if d_hidden is None else d_hidden + part
+            if d_weight is not None:
+                # In place: the previous block's array is not referenced once this one is built.
+                rows = (d_logits.T @ hidden).astype(d_weight.dtype)
+                d_weight = mx.slice_update(d_weight, rows, mx.array([start]), axes=(0,))
+                stages.add(d_weight, d_hidden)
+            else:
+                stages.add(d_hidden)
+        frozen = [mx.zeros_like(a) for a in arrays]  # never evaluated: nothing asks for them
+        if d_weight is not None:
+            frozen[0] = d_weight
+        return (d_hidden.astype(hidden.dtype), mx.zeros_like(ids), *frozen)
+
+    return run
+
+
+def completion_logprobs(
+    model: nn.Module,
+    packed: PackedBatch,
+    temperature: float = 1.0,
+    *,
+    entropies: bool = True,
+    stages: StagedEval | None = None,
+    block: int | None = None,
+) -> tuple[mx.array, mx.array | None]:
+    """(log-probs, entropies) of each completion token under the policy, both (N, T) float32:
+    log_softmax(logits / temperature)[token] and the entropy (nats) of softmax(logits /
+    temperature), as `token_logprobs` and `stages.entropy.token_entropy` compute them from
+    `completion_logits` (equal within float32 rounding).
+
+    The vocabulary head runs over blocks of `block` rows (default: LOGITS_BUDGET logits per
+    block), keeping three numbers per position, so the (N, T, V) logits never exist.
+    With `stages` (a gradient is taken) the log-probs carry a gradient, whose backward pass
+    recomputes each block's logits; the caller calls `stages.run()` before evaluating the
+    gradients. Without `stages` the results carry no gradient and are evaluated block by block.
+    Entropies never carry a gradient. Models whose head is not a plain or quantized (V, D)
+    matrix take the unchunked path.
+    """
+    head = _Head.of(model)
+    if head is None:
+        logits = completion_logits(model, packed, temperature)
+        if stages is None:
+            logits = mx.stop_gradient(logits)
+        logprobs = token_logprobs(logits, packed.completion_ids)
+        return logprobs, token_entropy(mx.stop_gradient(logits)) if entropies else None
+    inputs = packed.tokens[:, :-1] if packed.tokens.shape[1] > 1 else packed.tokens
+    index = mx.minimum(packed.gather_index, inputs.shape[1] - 1)
+    hidden = mx.take_along_axis(model.model(inputs), index[..., None], axis=1)
+    n_rows, n_steps, width = hidden.shape
+    rows = n_rows * n_steps
+    block = block or max(1, LOGITS_BUDGET // max(rows, 1))
+    run = _head_logprobs(head, temperature, block, stages)
+    logprobs, entropy, _ = run(
+        hidden.reshape(rows, width), packed.completion_ids.reshape(rows), *head.arrays()
+    )
+    entropy = mx.stop_gradient(entropy).reshape(n_rows, n_steps) if entropies else None
+    return logprobs.reshape(n_rows, n_steps), entropy
+
+
 def policy_logprobs(model: nn.Module, batch, temperature: float) -> mx.array:
     """(N, T) log p of each completion token of a RolloutBatch under the training forward pass,
-    log_softmax(logits / temperature) with no processors or filters (TRL); 0 on padding.
-    Evaluated in row chunks of at most LOGITS_BUDGET logits."""
+    log_softmax(logits / temperature) with no processors or filters (TRL); 0 on padding."""
     packed = pack(batch)
-    n_rows, n_steps = packed.completion_ids.shape
-    vocab = model.args.vocab_size if hasattr(model, "args") else 1 << 17
-    per_chunk = max(1, LOGITS_BUDGET // max(1, n_steps * vocab))
-    parts = []
-    for start in range(0, n_rows, per_chunk):
-        rows = take_rows(packed, slice(start, min(start + per_chunk, n_rows)))
-        part = token_logprobs(completion_logits(model, rows, temperature), rows.completion_ids)
-        mx.eval(part)
-        parts.append(part)
-    return mx.concatenate(parts) * packed.completion_mask
+    logprobs, _ = completion_logprobs(model, packed, temperature, entropies=False)
+    return logprobs * packed.completion_mask

@@ -1,0 +1,122 @@
+"""The memory-lean head: completion log-probs and entropies computed over blocks of the
+vocabulary, never the whole (N, T, V) logits, equal to the unchunked computation (float32):
+values, the loss and the gradients of the update, for every loss type and with the
+high-entropy mask."""
+
+from stages import grpo_update, policy
+from stages.advantages import compute_advantages
+from stages.entropy import token_entropy
+from stages.grpo_update import TrainConfig
+from stages.losses import LOSS_TYPES
+from stages.rollout import RolloutConfig, generate_rollouts
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+
+def _relative(got, want) -> float:
+    """max |got - want| / max |want|, over the whole tensor."""
+    want = np.asarray(want, dtype=np.float64)
+    return float(np.abs(np.asarray(got, dtype=np.float64) - want).max() / np.abs(want).max())
+
+
+def _batch(tiny, seed=0, temperature=1.3):
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(t) for t in ["1+2=", "3+4=", "12+2=", "0+1="]]
+    cfg = RolloutConfig(group_size=4, max_new_tokens=5, temperature=temperature)
+    return generate_rollouts(model, tokenizer, prompts, cfg, seed=seed)
+
+
+def _unchunked(model, packed, temperature, entropies=True, stages=None):
+    """The reference: the whole micro-batch's logits, then log-softmax and entropy."""
+    logits = policy.completion_logits(model, packed, temperature)
+    logprobs = policy.token_logprobs(logits, packed.completion_ids)
+    return logprobs, token_entropy(mx.stop_gradient(logits)) if entropies else None
+
+
+@pytest.mark.parametrize("block", [None, 1, 7, 64])
+def test_blocked_logprobs_and_entropies_equal_the_unchunked_ones(tiny, block):
+    model, _ = tiny
+    packed = policy.pack(_batch(tiny))
+    want_lp, want_entropy = _unchunked(model, packed, 1.3)
+    got_lp, got_entropy = policy.completion_logprobs(model, packed, 1.3, block=block)
+    assert got_lp.shape == want_lp.shape == packed.completion_ids.shape
+    assert _relative(got_lp, want_lp) < 1e-5
+    assert _relative(got_entropy, want_entropy) < 1e-5
+
+
+@pytest.mark.parametrize("block", [None, 5])
+def test_blocked_gradient_equals_the_unchunked_one(tiny, block):
+    model, _ = tiny
+    packed = policy.pack(_batch(tiny, seed=1))
+    weights = mx.random.normal(packed.completion_ids.shape, key=mx.random.key(3))
+
+    def reference(net):
+        return (_unchunked(net, packed, 1.3)[0] * weights).sum()
+
+    def blocked(net, stages):
+        logprobs = policy.completion_logprobs(net, packed, 1.3, stages=stages, block=block)[0]
+        return (logprobs * weights).sum()
+
+    want_value, want = nn.value_and_grad(model, reference)(model)
+    stages = policy.StagedEval()
+    got_value, got = nn.value_and_grad(model, blocked)(model, stages)
+    stages.run()
+    mx.eval(got_value, got)
+    assert abs(got_value.item() - want_value.item()) <= 1e-5 * abs(want_value.item())
+    want, got = dict(tree_flatten(want)), dict(tree_flatten(got))
+    assert set(got) == set(want)
+    for name in want:  # the tied embedding gets both its input and its head gradient
+        assert _relative(got[name], want[name]) < 1e-5, name
+
+
+class _Recording(optim.SGD):
+    """SGD that keeps the gradients it is given (the update's accumulated gradient)."""
+
+    def apply_gradients(self, gradients, parameters):
+        self.gradients = dict(tree_flatten(gradients))
+        return super().apply_gradients(gradients, parameters)
+
+
+def _update(tiny_path, cfg, monkeypatch, logprobs_fn):
+    from stages.load_weights import load
+
+    monkeypatch.setattr(grpo_update, "completion_logprobs", logprobs_fn)
+    model, tokenizer = load(tiny_path, dtype="float32")
+    batch = _batch((model, tokenizer), seed=2)
+    batch.finish_reasons[3] = "length"
+    rewards = mx.array(np.random.default_rng(2).random(batch.num_rows).astype(np.float32))
+    advantages = compute_advantages(rewards, 4, "group")
+    optimizer = _Recording(learning_rate=1.0)
+    metrics = grpo_update.update_step(model, optimizer, batch, advantages, cfg)
+    return optimizer.gradients, metrics
+
+
+@pytest.mark.parametrize("quantile", [1.0, 0.5])
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
+def test_update_with_the_blocked_head_equals_the_unchunked_update(
+    tiny_path, monkeypatch, loss_type, quantile
+):
+    """The whole update step (micro-batches of 3 rows accumulated into one optimizer step):
+    the same loss, metrics and gradient as with the unchunked head."""
+    cfg = TrainConfig(
+        loss_type=loss_type,
+        top_entropy_quantile=quantile,
+        micro_batch_size=3,
+        max_grad_norm=0,
+        mask_truncated_completions=True,
+    )
+    real = policy.completion_logprobs
+    want_grads, want = _update(tiny_path, cfg, monkeypatch, _unchunked)
+    blocked = lambda *a, **k: real(*a, block=7, **k)  # noqa: E731  (several blocks of 64)
+    got_grads, got = _update(tiny_path, cfg, monkeypatch, blocked)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-9)
+    assert got["entropy"] == pytest.approx(want["entropy"], rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert max(float(np.abs(np.array(v)).max()) for v in want_grads.values()) > 1e-4
+    for name, value in want_grads.items():
+        assert _relative(got_grads[name], value) < 1e-5, name
