@@ -103,6 +103,7 @@ class RolloutSettings:
     stop_strings: list[str] = field(default_factory=list)
     max_kv_size: int = 0
     logprobs_source: str = "sampler"
+    engine: str = "auto"  # auto | mlx_lm | fused (stages.rollout.RolloutConfig.engine)
 
 
 @dataclass
@@ -218,6 +219,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     """Value checks the types cannot express. Raises ConfigError naming the key."""
     from stages.grpo_update import AGGREGATIONS, IS_LEVELS, LOSS_TYPES, SCALE_REWARDS, SCHEDULES
     from stages.rewards import REGISTRY, bind
+    from stages.rollout import ENGINES
 
     t, r = cfg.train, cfg.rollout
     _check(t.steps >= 1, "train.steps", t.steps, ">= 1")
@@ -298,6 +300,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
         r.logprobs_source,
         "sampler | policy",
     )
+    _check(r.engine in ENGINES, "rollout.engine", r.engine, " | ".join(ENGINES))
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", cfg.checkpoint.every, ">= 1")
     _check(
         cfg.model.dtype in ("auto", "checkpoint", "float32", "bfloat16", "float16"),

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from stages import fused_decode
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -35,6 +37,7 @@ from mlx_lm.sample_utils import (
 )
 
 LOGPROBS_SOURCES = ("sampler", "policy")
+ENGINES = ("auto", "mlx_lm", "fused")
 PREFILL_STEP = 2048  # prompt tokens per prefill forward (bounds activation memory)
 POLICY_LOGITS_BUDGET = 1 << 27  # float32 logits per chunk when recomputing policy logprobs
 
@@ -58,6 +61,10 @@ class RolloutConfig:
     stop_strings: list[str] = field(default_factory=list)
     max_kv_size: int = 0  # 0: full cache; N: rotating cache holding the last N positions
     logprobs_source: str = "sampler"  # sampler | policy
+    # Decode engine: mlx_lm (mlx-lm's model and batch caches), fused (stages/fused_decode.py:
+    # fused projections, pre-allocated cache; same tokens and logprobs), auto (fused where it
+    # supports the model and max_kv_size is 0, else mlx_lm).
+    engine: str = "auto"
     seed: int = 0
     # Data parallel: these rows are rows row_offset.. of a global batch of total_rows (0: this
     # batch is the whole batch); row i draws with key i of the global batch, as one process would.
@@ -81,6 +88,7 @@ class RolloutConfig:
             (all(self.stop_strings), "stop_strings", "non-empty strings"),
             (self.max_kv_size >= 0, "max_kv_size", ">= 0 (0 = unbounded)"),
             (self.logprobs_source in LOGPROBS_SOURCES, "logprobs_source", "sampler | policy"),
+            (self.engine in ENGINES, "engine", " | ".join(ENGINES)),
             (self.row_offset >= 0, "row_offset", ">= 0"),
             (self.total_rows >= 0, "total_rows", ">= 0 (0 = this batch)"),
         ]
@@ -102,6 +110,8 @@ class RolloutBatch:
     texts: list[str]  # completions decoded without the EOS, cut before a stop string
     group_size: int
     columns: dict[str, list] = field(default_factory=dict)  # dataset columns, one value per row
+    engine: str = ""  # the decode engine that generated it: mlx_lm | fused
+    engine_bytes: int = 0  # memory that engine added to the model's (fused weight copies)
 
     @property
     def num_rows(self) -> int:
@@ -338,6 +348,50 @@ def _prefill(model: nn.Module, tokens: mx.array, caches: list) -> mx.array:
     return out[:, -1, :] if backbone is None else head(out[:, -1, :])
 
 
+class MlxLmEngine:
+    """The rollout's engine seam on mlx-lm's own model and batch KV caches (the reference).
+
+    An engine runs the model for `generate_rollouts`:
+    prefill(tokens (P, L) int32 left-padded, padding [P], new_tokens) -> logits (P, V) of each
+    prompt's last position; filter(index (n,)) keeps (and repeats) rows; decode(tokens (n,))
+    -> logits (n, V) of the next position. `nbytes`: memory it adds to the model's (weights
+    copies), `name`: which engine. `fused_decode.FusedDecoder` is the other implementation.
+    """
+
+    name = "mlx_lm"
+    nbytes = 0
+
+    def __init__(self, model: nn.Module, max_kv_size: int):
+        self.model, self.max_kv_size = model, max_kv_size
+
+    def prefill(self, tokens: mx.array, padding: list[int], new_tokens: int) -> mx.array:
+        self.caches = _make_caches(self.model, padding, self.max_kv_size)
+        return _prefill(self.model, tokens, self.caches)
+
+    def filter(self, index: mx.array) -> None:
+        for cache in self.caches:
+            cache.filter(index)
+
+    def decode(self, tokens: mx.array) -> mx.array:
+        return self.model(tokens[:, None], cache=self.caches)[:, -1, :]
+
+
+def make_engine(model: nn.Module, cfg: RolloutConfig):
+    """The decode engine `cfg.engine` names; auto: fused where it supports the model."""
+    if cfg.engine == "mlx_lm":
+        return MlxLmEngine(model, cfg.max_kv_size)
+    reason = fused_decode.unsupported(model)
+    if reason is None and cfg.max_kv_size:
+        reason = f"max_kv_size={cfg.max_kv_size} (a rotating cache)"
+    if reason is None:
+        engine = fused_decode.FusedDecoder(model, prefill_step=PREFILL_STEP)
+        engine.name = "fused"
+        return engine
+    if cfg.engine == "fused":
+        raise ValueError(f"rollout engine=fused does not support {reason}; use auto or mlx_lm")
+    return MlxLmEngine(model, cfg.max_kv_size)
+
+
 class _StopStrings:
     """Per-row streaming detokenizers (mlx-lm's) that spot stop strings across tokens."""
 
@@ -395,11 +449,10 @@ def generate_rollouts(
     stops = _StopStrings(tokenizer, cfg.stop_strings, n_rows) if cfg.stop_strings else None
 
     tokens, padding = left_pad(prompts, pad_id)
-    caches = _make_caches(model, padding, cfg.max_kv_size)
-    logits = _prefill(model, tokens, caches)
+    engine = make_engine(model, cfg)
+    logits = engine.prefill(tokens, padding, steps)
     shared = mx.repeat(mx.arange(len(prompts)), group)
-    for cache in caches:
-        cache.filter(shared)  # row r of each prompt's KV -> rows r*group .. r*group+group-1
+    engine.filter(shared)  # row r of each prompt's KV -> rows r*group .. r*group+group-1
     logits = logits[shared]
     history = sampler.initial_history(row_prompts, logits.shape[-1])
     filled_after = max(0, sampler.context_size - int(prompt_lengths.min()))
@@ -429,7 +482,7 @@ def generate_rollouts(
     mx.async_eval(token, logprob)
     for step in range(steps):
         if step + 1 < steps:  # queue step + 1 before reading step: the device stays busy
-            logits = model(token[:, None], cache=caches)[:, -1, :]
+            logits = engine.decode(token)
             history = _append(history, token)
             next_token, next_logprob = sampler(
                 logits, history, row_keys(step + 1), filled=step + 1 >= filled_after
@@ -458,8 +511,7 @@ def generate_rollouts(
             # outputs and the caches after its update alike.
             keep = np.flatnonzero(running[active])
             keep_index = mx.array(keep)
-            for cache in caches:
-                cache.filter(keep_index)
+            engine.filter(keep_index)
             next_token, next_logprob = next_token[keep_index], next_logprob[keep_index]
             history = None if history is None else history[keep_index]
             active = active[keep]
@@ -482,6 +534,8 @@ def generate_rollouts(
         prompt_texts=[tokenizer.decode(p) for p in row_prompts],
         texts=texts,
         group_size=group,
+        engine=engine.name,
+        engine_bytes=engine.nbytes,
     )
     if cfg.logprobs_source == "policy":
         batch.logprobs = policy_logprobs(model, batch, cfg.temperature or 1.0)
