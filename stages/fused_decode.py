@@ -34,6 +34,11 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.tuner.lora import LoRALinear
 
 ARCHITECTURES = ("qwen3", "llama", "qwen3_moe")  # modules of mlx_lm.models this engine runs
+# mx.compile the one-token steps of blocks without adapters or experts. None: on a GPU, where
+# a step is host-bound and a compiled half-block is one call instead of about a dozen
+# operations; not on CPU, where the step is compute-bound and compiling measured no gain.
+# True/False force it (benchmarks/rollout.py --fused-compile).
+COMPILE: bool | None = None
 
 
 def _architecture(model: nn.Module) -> str:
@@ -73,87 +78,179 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-class _Projection:
-    """Linear layers that read the same input, computed as one matmul and split.
+def _fuse(members: list[nn.Module]) -> tuple[mx.array, mx.array | None, int]:
+    """(W.T (in, sum out), bias or None, bytes copied) of linear layers that read one input.
 
-    `__call__(x (..., in)) -> [y_i (..., out_i)]`. Members are nn.Linear or LoRALinear over
-    nn.Linear; a member's adapter update is added to its slice exactly as LoRALinear does.
+    W.T is the transposed view of the (out, in) matrix, not a transposed copy, so the matmul is
+    the same BLAS call as nn.Linear's `x @ W.T`. One member: the model's own arrays, no copy.
+    """
+    bases = [_base_linear(m) for m in members]
+    biases = [b.bias for b in bases if "bias" in b]
+    if len(bases) == 1:
+        return bases[0].weight.T, (biases[0] if biases else None), 0
+    weight = mx.concatenate([b.weight for b in bases], axis=0)
+    bias = mx.concatenate(biases) if biases else None
+    return weight.T, bias, weight.nbytes + (bias.nbytes if bias is not None else 0)
+
+
+def _fuse(members: list[nn.Module]) -> tuple[mx.array, mx.array | None, int]:
+    """(W.T (in, sum out), bias or None, bytes copied) of linear layers that read one input.
+
+    W.T is the transposed view of the (out, in) matrix, not a transposed copy, so the matmul is
+    the same BLAS call as nn.Linear's `x @ W.T`. One member: the model's own arrays, no copy.
+    """
+    bases = [_base_linear(m) for m in members]
+    biases = [b.bias for b in bases if "bias" in b]
+    if len(bases) == 1:
+        return bases[0].weight.T, (biases[0] if biases else None), 0
+    weight = mx.concatenate([b.weight for b in bases], axis=0)
+    bias = mx.concatenate(biases) if biases else None
+    return weight.T, bias, weight.nbytes + (bias.nbytes if bias is not None else 0)
+
+
+class _BlockSpec:
+    """What a block computes besides its arrays: head counts, norms' eps, split points, RoPE.
+
+    `pre(h, offsets, weights) -> queries, keys, values` and `post(h, attention, weights) -> h`
+    read every array from `weights` (name -> array), so their compiled forms take the arrays as
+    inputs: a refresh, or another engine on a model of the same shape, reuses the traces. LoRA
+    adapters and a MoE block come in `modules` and are never compiled (a trace would freeze the
+    arrays those modules read).
     """
 
-    def __init__(self, members: list[nn.Module]):
-        bases = [_base_linear(m) for m in members]
-        self.adapters = [m if isinstance(m, LoRALinear) else None for m in members]
-        weights = [b.weight for b in bases]
-        biases = [b.bias for b in bases if "bias" in b]
-        if len(members) == 1:
-            weight, self.fused_nbytes = weights[0], 0  # the model's own array: no copy
-            bias = biases[0] if biases else None
-        else:
-            weight = mx.concatenate(weights, axis=0)
-            bias = mx.concatenate(biases) if biases else None
-            self.fused_nbytes = weight.nbytes + (bias.nbytes if bias is not None else 0)
-        # x @ W.T as nn.Linear computes it (the transposed view, not a transposed copy, so the
-        # matmul is the same BLAS call as mlx-lm's).
-        self.weight_t = weight.T
-        self.bias = bias
-        sizes = [w.shape[0] for w in weights]
-        self.splits = np.cumsum(sizes)[:-1].tolist()
+    def __init__(self, layer: nn.Module, splits: dict[str, list[int]], biases: frozenset[str]):
+        attn = layer.self_attn
+        self.n_heads, self.n_kv_heads, self.scale = attn.n_heads, attn.n_kv_heads, attn.scale
+        self.head_dim = _base_linear(attn.q_proj).weight.shape[0] // attn.n_heads
+        self.rope, self.splits, self.biases = attn.rope, splits, biases
+        norms = {"input_norm": layer.input_layernorm, "post_norm": layer.post_attention_layernorm}
+        if hasattr(attn, "q_norm"):
+            norms |= {"q_norm": attn.q_norm, "k_norm": attn.k_norm}
+        self.eps = {name: norm.eps for name, norm in norms.items()}
+        self.compiled_pre = mx.compile(self.pre)
+        self.compiled_post = mx.compile(self.post)
 
-    def arrays(self) -> list[mx.array]:
-        return [self.weight_t] + ([self.bias] if self.bias is not None else [])
+    @staticmethod
+    def key(layer: nn.Module, splits: dict[str, list[int]], biases: frozenset[str]) -> tuple:
+        """Blocks with equal keys compute the same function of their arrays."""
+        attn, rope = layer.self_attn, layer.self_attn.rope
+        if type(rope) is nn.RoPE:
+            rope_key = ("RoPE", rope.dims, rope.traditional, rope.base, rope.scale)
+        else:  # other RoPEs hold arrays (frequencies) that a trace freezes: one per object
+            rope_key = (type(rope).__name__, id(rope))
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if hasattr(attn, "q_norm"):
+            norms += [attn.q_norm, attn.k_norm]
+        return (
+            attn.n_heads,
+            attn.n_kv_heads,
+            attn.scale,
+            tuple((name, tuple(points)) for name, points in sorted(splits.items())),
+            tuple(sorted(biases)),
+            tuple(norm.eps for norm in norms),
+            rope_key,
+        )
 
-    def __call__(self, x: mx.array) -> list[mx.array]:
-        if self.bias is not None:
-            y = mx.addmm(self.bias, x, self.weight_t)
+    def _linear(self, name: str, x: mx.array, weights: dict, modules: dict) -> list[mx.array]:
+        """The group `name` on x (..., in): one matmul, split, each adapter's update added to its
+        slice as LoRALinear adds it."""
+        if name in self.biases:
+            y = mx.addmm(weights[name + "_bias"], x, weights[name])
         else:
-            y = x @ self.weight_t
-        parts = mx.split(y, self.splits, axis=-1) if self.splits else [y]
-        for i, lora in enumerate(self.adapters):
+            y = x @ weights[name]
+        parts = mx.split(y, self.splits[name], axis=-1) if self.splits[name] else [y]
+        for i, lora in enumerate(modules.get(name, ())):
             if lora is not None:
                 z = (lora.dropout(x) @ lora.lora_a) @ lora.lora_b
                 parts[i] = parts[i] + (lora.scale * z).astype(x.dtype)
         return parts
 
+    def _norm(self, name: str, x: mx.array, weights: dict) -> mx.array:
+        return mx.fast.rms_norm(x, weights[name], self.eps[name])
+
+    def pre(
+        self, h: mx.array, offsets: mx.array, weights: dict, modules: dict | None = None
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries (B, H, L, hd), keys and values (B, Hkv, L, hd) of h (B, L, D), RoPE at
+        `offsets` (B,)."""
+        B, L, _ = h.shape
+        x = self._norm("input_norm", h, weights)
+        queries, keys, values = self._linear("qkv", x, weights, modules or {})
+        queries = queries.reshape(B, L, self.n_heads, -1)
+        keys = keys.reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self.eps:
+            queries = self._norm("q_norm", queries, weights)
+            keys = self._norm("k_norm", keys, weights)
+        queries = self.rope(queries.transpose(0, 2, 1, 3), offset=offsets)
+        keys = self.rope(keys.transpose(0, 2, 1, 3), offset=offsets)
+        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return queries, keys, values
+
+    def post(
+        self, h: mx.array, attention: mx.array, weights: dict, modules: dict | None = None
+    ) -> mx.array:
+        """The rest of the block: h (B, L, D), attention output (B, H, L, hd) -> (B, L, D)."""
+        B, L, _ = h.shape
+        modules = modules or {}
+        attention = attention.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        h = h + self._linear("o", attention, weights, modules)[0]
+        x = self._norm("post_norm", h, weights)
+        if "moe" in modules:
+            return h + modules["moe"](x)
+        gate, up = self._linear("gate_up", x, weights, modules)
+        return h + self._linear("down", swiglu(gate, up), weights, modules)[0]
+
+
+# Shared by every engine, and their compiled traces with them (each engine is built per rollout).
+_SPECS: dict[tuple, _BlockSpec] = {}
+
 
 class _Block:
-    """One transformer block's fused weights and its mlx-lm submodules."""
+    """One transformer block: its arrays (`weights`, name -> array: fused copies and the model's
+    own), the mlx-lm modules it still calls (`modules`: LoRA adapters per group, the MoE block)
+    and its `spec`."""
 
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
-        self.n_heads, self.n_kv_heads, self.scale = attn.n_heads, attn.n_kv_heads, attn.scale
-        self.qkv = _Projection([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o_proj = _Projection([attn.o_proj])
-        self.head_dim = _base_linear(attn.q_proj).weight.shape[0] // attn.n_heads
-        qk_norm = hasattr(attn, "q_norm")
-        self.q_norm = (attn.q_norm.weight, attn.q_norm.eps) if qk_norm else None
-        self.k_norm = (attn.k_norm.weight, attn.k_norm.eps) if qk_norm else None
-        self.rope = attn.rope
-        self.input_norm = (layer.input_layernorm.weight, layer.input_layernorm.eps)
-        self.post_norm = (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
+        groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
+        self.modules: dict = {}
         if hasattr(mlp, "gate_proj"):
-            self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj])
-            self.down = _Projection([mlp.down_proj])
-            self.moe = None
+            groups |= {"gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
         else:  # a mixture of experts: mlx-lm's own block
-            self.gate_up = self.down = None
-            self.moe = mlp
+            self.modules["moe"] = mlp
+        self.weights: dict[str, mx.array] = {}
+        self.fused_nbytes = 0
+        splits, biases = {}, set()
+        for name, members in groups.items():
+            weight_t, bias, copied = _fuse(members)
+            self.weights[name] = weight_t
+            if bias is not None:
+                self.weights[name + "_bias"] = bias
+                biases.add(name)
+            self.fused_nbytes += copied
+            sizes = [_base_linear(m).weight.shape[0] for m in members]
+            splits[name] = np.cumsum(sizes)[:-1].tolist()
+            adapters = [m if isinstance(m, LoRALinear) else None for m in members]
+            if any(a is not None for a in adapters):
+                self.modules[name] = adapters
+        self.weights["input_norm"] = layer.input_layernorm.weight
+        self.weights["post_norm"] = layer.post_attention_layernorm.weight
+        if hasattr(attn, "q_norm"):
+            self.weights["q_norm"], self.weights["k_norm"] = attn.q_norm.weight, attn.k_norm.weight
+        key = _BlockSpec.key(layer, splits, frozenset(biases))
+        if key not in _SPECS:
+            _SPECS[key] = _BlockSpec(layer, splits, frozenset(biases))
+        self.spec = _SPECS[key]
 
-    @property
-    def fused_nbytes(self) -> int:
-        parts = [self.qkv] + ([self.gate_up] if self.gate_up is not None else [])
-        return sum(p.fused_nbytes for p in parts)
+    def pre(self, h: mx.array, offsets: mx.array, compiled: bool):
+        if compiled and not self.modules:
+            return self.spec.compiled_pre(h, offsets, self.weights)
+        return self.spec.pre(h, offsets, self.weights, self.modules)
 
-    def arrays(self) -> list[mx.array]:
-        parts = [self.qkv, self.o_proj] + ([self.gate_up, self.down] if self.moe is None else [])
-        return [a for p in parts for a in p.arrays()]
-
-    def mlp(self, h: mx.array) -> mx.array:
-        """h + MLP(post_norm(h)); (B, L, D) -> (B, L, D)."""
-        x = mx.fast.rms_norm(h, *self.post_norm)
-        if self.moe is not None:
-            return h + self.moe(x)
-        gate, up = self.gate_up(x)
-        return h + self.down(swiglu(gate, up))[0]
+    def post(self, h: mx.array, attention: mx.array, compiled: bool) -> mx.array:
+        if compiled and not self.modules:
+            return self.spec.compiled_post(h, attention, self.weights)
+        return self.spec.post(h, attention, self.weights, self.modules)
 
 
 class FusedDecoder:
@@ -168,11 +265,14 @@ class FusedDecoder:
     the rollout builds them: same prefill chunks, same RoPE offsets, same attended columns.
     """
 
-    def __init__(self, model: nn.Module, prefill_step: int = 2048):
+    def __init__(self, model: nn.Module, prefill_step: int = 2048, compiled: bool | None = None):
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"the fused decode engine does not support {reason}")
         self.prefill_step = prefill_step
+        if compiled is None:
+            compiled = COMPILE if COMPILE is not None else mx.default_device() != mx.cpu
+        self.compiled = compiled
         self.refresh(model)
         self.keys: list[mx.array] = []
         self.values: list[mx.array] = []
@@ -185,7 +285,7 @@ class FusedDecoder:
         self.norm = (backbone.norm.weight, backbone.norm.eps)
         tied = getattr(model.args, "tie_word_embeddings", False)
         self.head = backbone.embed_tokens.as_linear if tied else model.lm_head
-        mx.eval([block.arrays() for block in self.blocks])
+        mx.eval([block.weights for block in self.blocks])
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +301,8 @@ class FusedDecoder:
     def _reset(self, padding: list[int], capacity: int, dtype) -> None:
         n = len(padding)
         self.keys = [
-            mx.zeros((n, b.n_kv_heads, capacity, b.head_dim), dtype=dtype) for b in self.blocks
+            mx.zeros((n, b.spec.n_kv_heads, capacity, b.spec.head_dim), dtype=dtype)
+            for b in self.blocks
         ]
         self.values = [mx.zeros_like(k) for k in self.keys]
         self.left_padding = np.array(padding, dtype=np.int64)
@@ -240,30 +341,19 @@ class FusedDecoder:
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _attention(self, i: int, block: _Block, h: mx.array, mask) -> mx.array:
-        """h + attention(input_norm(h)) for block i, writing its keys and values."""
-        B, L, _ = h.shape
-        x = mx.fast.rms_norm(h, *block.input_norm)
-        queries, keys, values = block.qkv(x)
-        queries = queries.reshape(B, L, block.n_heads, -1)
-        keys = keys.reshape(B, L, block.n_kv_heads, -1)
-        if block.q_norm is not None:
-            queries = mx.fast.rms_norm(queries, *block.q_norm)
-            keys = mx.fast.rms_norm(keys, *block.k_norm)
-        queries = block.rope(queries.transpose(0, 2, 1, 3), offset=self.offsets)
-        keys = block.rope(keys.transpose(0, 2, 1, 3), offset=self.offsets)
-        values = values.reshape(B, L, block.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        end = self.end + L
+    def _attend(self, i: int, queries: mx.array, keys: mx.array, values: mx.array, mask):
+        """Write block i's new keys and values (B, Hkv, L, hd) at the end of its cache and attend
+        over the columns the rows use; (B, H, L, hd)."""
+        end = self.end + keys.shape[2]
         self.keys[i][..., self.end : end, :] = keys
         self.values[i][..., self.end : end, :] = values
-        out = mx.fast.scaled_dot_product_attention(
+        return mx.fast.scaled_dot_product_attention(
             queries,
             self.keys[i][..., self.start : end, :],
             self.values[i][..., self.start : end, :],
-            scale=block.scale,
+            scale=self.blocks[i].spec.scale,
             mask=mask,
         )
-        return h + block.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))[0]
 
     def _forward(self, tokens: mx.array) -> mx.array:
         """Hidden states after the final norm: (B, L) -> (B, L, D); advances the cache."""
@@ -279,9 +369,12 @@ class FusedDecoder:
                 offset=self.end - self.start,
                 left_padding=mx.array((self.left_padding - self.start).astype(np.int32)),
             )
+        # Compiled only for one-token steps: their shapes repeat, a prefill chunk's do not.
+        compiled = self.compiled and L == 1
         h = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            h = block.mlp(self._attention(i, block, h, mask))
+            queries, keys, values = block.pre(h, self.offsets, compiled)
+            h = block.post(h, self._attend(i, queries, keys, values, mask), compiled)
         self.end += L
         self.offsets = self.offsets + L
         return mx.fast.rms_norm(h, *self.norm)
@@ -290,7 +383,7 @@ class FusedDecoder:
         """Run the left-padded prompts (P, L) into a fresh cache with room for `new_tokens`
         more positions; returns the last position's logits (P, V)."""
         P, L = tokens.shape
-        self._reset(padding, L + new_tokens, self.blocks[0].qkv.weight_t.dtype)
+        self._reset(padding, L + new_tokens, self.blocks[0].weights["qkv"].dtype)
         for start in range(0, L, self.prefill_step):
             hidden = self._forward(tokens[:, start : start + self.prefill_step])
             if start + self.prefill_step < L:

@@ -220,26 +220,43 @@ def _greedy_logits(engine, prompts, pad_id, group, steps, keep_after):
     return out
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
 @pytest.mark.parametrize("prefill_step", [2048, 3])
 @pytest.mark.parametrize("name", MODELS)
 def test_engine_logits_are_bitwise_equal_through_prefill_decode_and_filter(
-    name, prefill_step, llama_dirs, monkeypatch
+    name, prefill_step, compiled, llama_dirs, monkeypatch
 ):
-    """The seam itself: prefill (chunked or not), sharing, decode, and a filter that drops every
-    row of the longest prompt (so both caches also drop padding columns) give the same logits."""
+    """The seam itself: prefill (chunked or not), sharing, decode (compiled or not), and a filter
+    that drops every row of the longest prompt (so both caches also drop padding columns) give
+    the same logits."""
     model, tokenizer = _load(name, llama_dirs)
     monkeypatch.setattr(rollout, "PREFILL_STEP", prefill_step)
     prompts = [tokenizer.encode(t) for t in PADDED]
     longest = int(np.argmax([len(p) for p in prompts]))
     group = 2
     keep = [r for r in range(len(prompts) * group) if r // group != longest]
-    fused = fused_decode.FusedDecoder(model, prefill_step=prefill_step)
+    fused = fused_decode.FusedDecoder(model, prefill_step=prefill_step, compiled=compiled)
     args = (prompts, tokenizer.pad_token_id, group, 12, (5, keep))
     want = _greedy_logits(MlxLmEngine(model, 0), *args)
     got = _greedy_logits(fused, *args)
     assert fused.start > 0  # the filter did drop leading padding columns
     for step, (a, b) in enumerate(zip(want, got)):
         assert np.array_equal(np.array(a), np.array(b)), f"step {step}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_rollout_equals_mlx_lm(name, llama_dirs, monkeypatch):
+    """Compiled one-token steps (the GPU default), with rows dropped so the batch shrinks and
+    the compiled blocks see new shapes, sample exactly what mlx-lm's path samples."""
+    model, tokenizer = _load(name, llama_dirs)
+    monkeypatch.setattr(fused_decode, "COMPILE", True)
+    prompts = [tokenizer.encode(t) for t in PADDED]
+    new_tokens = 3 if name.startswith("builtin:") else 20
+    settings = dict(group_size=4, max_new_tokens=new_tokens, temperature=1.3, seed=6)
+    reference, fused = _both(model, tokenizer, prompts, stop_strings=["1", "a"], **settings)
+    _assert_identical(reference, fused)
+    lengths = np.array(fused.completion_mask).sum(axis=1)
+    assert lengths.min() < lengths.max()
 
 
 def _with_random_adapters(model):
