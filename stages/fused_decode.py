@@ -265,6 +265,8 @@ class FusedDecoder:
     the rollout builds them: same prefill chunks, same RoPE offsets, same attended columns.
     """
 
+    name = "fused"
+
     def __init__(self, model: nn.Module, prefill_step: int = 2048, compiled: bool | None = None):
         reason = unsupported(model)
         if reason is not None:

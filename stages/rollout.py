@@ -384,9 +384,7 @@ def make_engine(model: nn.Module, cfg: RolloutConfig):
     if reason is None and cfg.max_kv_size:
         reason = f"max_kv_size={cfg.max_kv_size} (a rotating cache)"
     if reason is None:
-        engine = fused_decode.FusedDecoder(model, prefill_step=PREFILL_STEP)
-        engine.name = "fused"
-        return engine
+        return fused_decode.FusedDecoder(model, prefill_step=PREFILL_STEP)
     if cfg.engine == "fused":
         raise ValueError(f"rollout engine=fused does not support {reason}; use auto or mlx_lm")
     return MlxLmEngine(model, cfg.max_kv_size)
