@@ -15,6 +15,11 @@ histories), its filters (`apply_top_p`, `apply_min_p`, `apply_xtc` with a per-ro
 `apply_top_k`, in `make_sampler`'s order), then temperature. The per-token logprobs returned
 are those of the distribution actually sampled from, or (`logprobs_source="policy"`) those of
 the training forward pass at the same temperature, as TRL computes them.
+
+The model runs behind an engine (`make_engine`, `cfg.engine`): `MlxLmEngine` (mlx-lm's model
+on the batch caches above, the reference) or `fused_decode.FusedDecoder` (fused projection
+weights, a pre-allocated cache; the same tokens and logprobs). Both prefill, filter rows and
+decode one step; everything else here is the same for both.
 """
 
 from __future__ import annotations

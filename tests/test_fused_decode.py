@@ -322,6 +322,21 @@ def test_engine_bytes_count_the_fused_copies(tiny):
     assert auto.engine == "fused"  # auto picks it for qwen3
 
 
+def test_rollout_task_logs_the_engine_bytes(tiny):
+    from pipelines import tasks
+
+    class Tracker:
+        def log_metrics(self, metrics, step):
+            self.metrics = metrics
+
+    model, tokenizer = tiny
+    tracker = Tracker()
+    prompts = [tokenizer.encode(t) for t in UNPADDED]
+    cfg = RolloutConfig(group_size=2, max_new_tokens=2)
+    tasks.rollout_task.fn(model, tokenizer, prompts, cfg, tracker, 0)
+    assert tracker.metrics["rollout/engine_bytes"] == fused_decode.FusedDecoder(model).nbytes > 0
+
+
 def test_moe_engine_fuses_only_the_attention():
     model, _ = load("builtin:tiny_qwen3_moe", dtype="float32")
     expected = sum(
