@@ -16,6 +16,7 @@ import time
 
 import stages  # noqa: F401  (before mlx.core: fast CPU BLAS)
 from stages import distributed, grpo_update, rewards
+from stages.advantages import compute_advantages
 from stages.backend import resolve_dtype
 from stages.rollout import RolloutConfig, generate_rollouts
 
@@ -66,7 +67,7 @@ def main() -> None:
     ][world.rank * args.prompts : (world.rank + 1) * args.prompts]
     local_rows = args.prompts * args.group_size
     optimizer = grpo_update.make_optimizer(1e-6)
-    update_cfg = grpo_update.UpdateConfig(
+    update_cfg = grpo_update.TrainConfig(
         loss_type="dapo", beta=0.0, micro_batch_size=args.micro_batch
     )
 
@@ -84,19 +85,16 @@ def main() -> None:
             model,
             tokenizer,
             prompts,
-            RolloutConfig(
-                group_size=args.group_size,
-                max_new_tokens=args.new_tokens,
-                seed=step,
-                row_offset=world.rank * local_rows,
-                total_rows=world.size * local_rows,
-            ),
+            RolloutConfig(group_size=args.group_size, max_new_tokens=args.new_tokens),
+            seed=step,
+            row_offset=world.rank * local_rows,
+            total_rows=world.size * local_rows,
         )
         t1 = time.perf_counter()
         scores = rewards.score(batch, [token_count_reward], [1.0])
         t2 = time.perf_counter()
         every_score = distributed.all_gather(scores, world)  # advantages over the global batch
-        advantages = grpo_update.compute_advantages(
+        advantages = compute_advantages(
             rewards.combine(every_score, [1.0]), args.group_size, "group"
         )[world.rank * local_rows : (world.rank + 1) * local_rows]
         mx.eval(advantages)

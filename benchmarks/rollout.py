@@ -98,7 +98,7 @@ def ours(engine: str, compile_fused: bool | None = None):
     def run(model, prompts, group, new_tokens) -> int:
         fused_decode.COMPILE = compile_fused
         cfg = RolloutConfig(
-            group_size=group, max_new_tokens=new_tokens, temperature=1.0, seed=0, engine=engine
+            group_size=group, max_new_tokens=new_tokens, temperature=1.0, engine=engine
         )
         batch = generate_rollouts(model, NoStopTokenizer(), prompts, cfg)
         assert batch.engine == engine, f"asked for engine={engine}, ran {batch.engine}"

@@ -101,7 +101,7 @@ def main() -> None:
     )
     for engine_name in args.engines.split(","):
         cfg = RolloutConfig(
-            group_size=args.group, max_new_tokens=args.new_tokens, seed=0, engine=engine_name
+            group_size=args.group, max_new_tokens=args.new_tokens, engine=engine_name
         )
 
         def loop(draw, cfg=cfg):

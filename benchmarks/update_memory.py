@@ -24,6 +24,7 @@ import stages  # noqa: F401  (attach the fast CPU BLAS before mlx.core)
 
 # isort: split
 from stages import grpo_update, lora  # noqa: E402
+from stages.advantages import compute_advantages  # noqa: E402
 from stages.backend import resolve_dtype  # noqa: E402
 from stages.rollout import RolloutBatch  # noqa: E402
 
@@ -71,12 +72,12 @@ def run_variant(args, use_lora: bool, checkpointing: bool) -> dict:
     model.set_dtype(resolve_dtype(args.dtype))
     mx.eval(model.parameters())
     if use_lora:
-        lora.apply(model, lora.LoraSettings(rank=8))
+        lora.apply(model, lora.LoraConfig(rank=8))
     batch = synthetic_batch(args.rows, args.seq_len, args.prompt_len, config["vocab_size"])
     rewards = mx.array(np.random.default_rng(1).random(args.rows).astype(np.float32))
-    advantages = grpo_update.compute_advantages(rewards, args.rows, "group")
+    advantages = compute_advantages(rewards, args.rows, "group")
     optimizer = grpo_update.make_optimizer(1e-5)
-    cfg = grpo_update.UpdateConfig(
+    cfg = grpo_update.TrainConfig(
         micro_batch_size=args.micro_batch_size, gradient_checkpointing=checkpointing
     )
     grpo_update.update_step(model, optimizer, batch, advantages, cfg)  # warm-up, optimizer init

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.tracking import _quiet, resolve_uri
+from pipelines.tracking import quiet_logs, resolve_uri
 
 COMPARE_TAG = "mlx_grpo.kind"
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         print(f"error: no MLflow store at {uri}; pass --tracking-uri", file=sys.stderr)
         return 2
-    _quiet()
+    quiet_logs()
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

@@ -1,13 +1,15 @@
-"""The run summary as a Prefect artifact: final metrics, checkpoint path, MLflow run link.
+"""What a finished run reports: the summary as a Prefect artifact, and the reward/loss plot.
 
-Shown on the flow run's Artifacts tab in the Prefect UI (and under Artifacts, by key, across
-runs), for runs started by `pipelines.grpo` or by a `pipelines.schedule` deployment.
+The summary (final metrics, checkpoint path, MLflow run link) is shown on the flow run's
+Artifacts tab in the Prefect UI (and under Artifacts, by key, across runs), for runs started by
+`pipelines.grpo` or by a `pipelines.schedule` deployment. The plot is logged to MLflow.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 from pipelines.tracking import Tracker
 
@@ -51,3 +53,22 @@ def publish_summary(summary: dict, history: list[dict], tracker: Tracker, run_na
     except Exception as error:  # noqa: BLE001  (a finished run must not fail on its report)
         print(f"warning: Prefect summary artifact not created: {error}", file=sys.stderr)
     return markdown
+
+
+def plot_rewards(history: list[dict], path: Path) -> Path:
+    """PNG of the reward and loss per step (`history`: {"step", "reward", "loss"} per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(steps, [h["reward"] for h in history])
+    axes[0].set(title="reward", xlabel="step")
+    axes[1].plot(steps, [h["loss"] for h in history])
+    axes[1].set(title="loss", xlabel="step")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

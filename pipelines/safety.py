@@ -1,4 +1,4 @@
-"""Crash safety for the training loop: stop cleanly on SIGTERM/Ctrl-C, skip non-finite steps.
+"""Crash safety inside the training loop: stop cleanly on SIGTERM/Ctrl-C, skip non-finite steps.
 
 `StepGuard` is used by `grpo_flow` with one call per step boundary:
 
@@ -21,15 +21,38 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
-from pathlib import Path
+from dataclasses import dataclass
 
-from stages import checkpoint
+from stages.settings import check, setting
 
 from mlx.utils import tree_map
+
+
+@dataclass
+class SafetyConfig:
+    """`safety.*`: what happens on non-finite steps and while MLflow is unreachable."""
+
+    max_nonfinite_steps: int = setting(
+        5,
+        "NaN/inf loss or gradient: the step is rolled back and skipped; after this many in a "
+        "row, stop with a checkpoint of the last good state",
+    )
+    mlflow_retry_seconds: float = setting(
+        10.0,
+        "MLflow unreachable: records are kept (and spooled to <output_dir>/mlflow_spool.jsonl) "
+        "and resent at most this often",
+    )
+
+    def validate(self) -> None:
+        check(
+            self.max_nonfinite_steps >= 1, "max_nonfinite_steps", self.max_nonfinite_steps, ">= 1"
+        )
+        check(
+            self.mlflow_retry_seconds > 0, "mlflow_retry_seconds", self.mlflow_retry_seconds, "> 0"
+        )
 
 
 class TrainingStopped(Exception):
@@ -195,84 +218,3 @@ class StepGuard:
             exit_code=143 if name == "SIGTERM" else 130,
             step=self.step,
         )
-
-
-def latest_checkpoint(root: Path, set_aside: bool = False) -> Path | None:
-    """The newest complete checkpoint under `root`. Raises ValueError if there are checkpoints
-    but none is usable. With `set_aside` (the flow, not the preflight check), a damaged newer
-    one is reported on stderr and renamed to `.corrupt-<name>`, so it is never resumed or
-    counted by pruning in place of a good one."""
-    found, rejected = checkpoint.latest_valid(root)
-    if found is None and rejected:
-        problems = "; ".join(f"{path.name}: {problem}" for path, problem in rejected)
-        raise ValueError(f"no usable checkpoint in {root} ({problems})")
-    if not set_aside:
-        return found
-    for staging in Path(root).glob(".step-*.tmp-*"):
-        # Left by a save that was interrupted (the rename never happened): never a checkpoint.
-        shutil.rmtree(staging, ignore_errors=True)
-    for path, problem in rejected:
-        moved = checkpoint.set_aside(path)
-        print(
-            f"warning: checkpoint {path} is damaged ({problem}); moved to {moved.name}",
-            file=sys.stderr,
-        )
-    if found is None:
-        print(f"note: no checkpoint in {root} yet; starting from step 0", file=sys.stderr)
-    elif rejected:
-        print(f"warning: resuming from the previous checkpoint, {found}", file=sys.stderr)
-    return found
-
-
-def start_prefect_server_outside_ctrl_c() -> None:
-    """Start Prefect's temporary server (used when PREFECT_API_URL is unset) in its own process
-    group. Ctrl-C in a terminal signals the whole foreground process group; the server would die
-    under the stopping run, which then could not record its final state. Prefect starts the
-    server with a plain Popen, so for that one call its module sees a Popen with
-    process_group=0; the server is still stopped at exit by Prefect's own atexit hook."""
-    import functools
-    import os
-    import subprocess
-    import types
-
-    from prefect.server.api import server as server_module
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
-        return
-    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return
-    server = server_module.SubprocessASGIServer()
-    if server.running:
-        return
-    own_group = types.SimpleNamespace(**vars(subprocess))
-    own_group.Popen = functools.partial(subprocess.Popen, process_group=0)
-    server_module.subprocess = own_group
-    try:
-        server.start()
-    finally:
-        server_module.subprocess = subprocess
-
-
-def quiet_stop_tracebacks() -> None:
-    """Prefect logs an exception that ends a task or flow with its traceback; a clean stop is
-    not a crash, and a lost peer is reported by `main` in one line, so on the console each is
-    only our message (the run's state in the Prefect UI still says why it ended)."""
-    import logging
-
-    from stages import distributed
-
-    class _DropStops(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            error = record.exc_info[1] if record.exc_info else None
-            if error is None:
-                return True
-            return not (isinstance(error, TrainingStopped) or distributed.is_peer_failure(error))
-
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_DropStops())
-
-
-def resume_hint(overrides: list[str]) -> str:
-    kept = [o for o in overrides if not o.startswith("run.resume=")]
-    return f"resume with: python -m pipelines.grpo {' '.join([*kept, 'run.resume=latest'])}"

@@ -17,17 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, GRPOConfig, compose
-from pipelines.grpo import InputError, grpo_flow, preflight
+from pipelines.config import ConfigError, GRPOConfig, compose, to_container
+from pipelines.grpo import grpo_flow
+from pipelines.inputs import InputError, preflight
 from pipelines.tracking import resolve_uri
 
 
 def deployment_parameters(cfg: GRPOConfig) -> dict:
     """The flow's `config` parameter: the resolved config with paths made absolute, so runs
     write to the same output folder and MLflow store whatever directory they start in."""
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    config = to_container(cfg)
     config["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
     config["mlflow"]["tracking_uri"] = resolve_uri(cfg.mlflow.tracking_uri)
     return {"config": config}

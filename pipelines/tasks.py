@@ -1,8 +1,9 @@
 """Prefect tasks: one per stage, each a thin call into the stage core that logs its metrics.
 
-The stage cores (stages/*) know nothing of Prefect or MLflow. Only stages that are safe to
-repeat retry: loading weights and writing a checkpoint (atomic, same content). Rollout, rewards
-and the update are not retried: a retried update would apply an optimizer step twice.
+The stage cores (stages/*) know nothing of Prefect or MLflow; each task takes its stage's config
+node. Only stages that are safe to repeat retry: loading weights and writing a checkpoint
+(atomic, same content). Rollout, rewards and the update are not retried: a retried update would
+apply an optimizer step twice.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from stages import checkpoint, data, evaluate, grpo_update, load_weights, rewards, rollout
+from stages import advantages, checkpoint, evaluate, grpo_update, load_weights, rewards, rollout
 
 import mlx.core as mx
 from prefect import task
@@ -35,9 +36,11 @@ def rollout_task(
     cfg: rollout.RolloutConfig,
     tracker: Tracker,
     step: int,
+    **placement,
 ) -> rollout.RolloutBatch:
+    """`placement`: generate_rollouts' seed, row_offset and total_rows."""
     start = time.perf_counter()
-    batch = rollout.generate_rollouts(model, tokenizer, prompts, cfg)
+    batch = rollout.generate_rollouts(model, tokenizer, prompts, cfg, **placement)
     seconds = time.perf_counter() - start
     metrics = rollout.rollout_metrics(batch)
     metrics["rollout/tokens_per_s"] = batch.completion_mask.sum().item() / seconds
@@ -50,22 +53,16 @@ def rollout_task(
 @task(name="rewards", **_TASK)
 def rewards_task(
     batch: rollout.RolloutBatch,
-    funcs: list,
-    names: list[str],
-    weights: list[float],
+    funcs: rewards.RewardFuncs,
+    cfg: rewards.RewardConfig,
     tracker: Tracker,
     step: int,
-    reward_cfg=None,
 ) -> mx.array:
     scores, failures = rewards.run_rewards(
-        batch,
-        funcs,
-        names,
-        timeout=getattr(reward_cfg, "timeout", None),
-        on_error=getattr(reward_cfg, "on_error", "raise"),
+        batch, funcs.funcs, funcs.names, timeout=cfg.timeout, on_error=cfg.on_error
     )
-    metrics = rewards.reward_metrics(scores, names, weights)
-    metrics.update(_report_failures(failures, names, f"step {step}"))
+    metrics = rewards.reward_metrics(scores, funcs.names, funcs.weights)
+    metrics.update(_report_failures(failures, funcs.names, f"step {step}"))
     tracker.log_metrics(metrics, step)
     return scores
 
@@ -87,71 +84,51 @@ def advantages_task(
     scores: mx.array,
     weights: list[float],
     group_size: int,
-    scale: str,
-    aggregation: str = "sum_then_normalize",
-    tracker: Tracker | None = None,
-    step: int = 0,
+    cfg: grpo_update.TrainConfig,
+    tracker: Tracker,
+    step: int,
 ) -> mx.array:
-    advantages, metrics = grpo_update.group_advantages(
-        scores, weights, group_size, scale, aggregation
+    values, metrics = advantages.group_advantages(
+        scores, weights, group_size, cfg.scale_rewards, cfg.multi_objective_aggregation
     )
-    if tracker is not None:
-        tracker.log_metrics(metrics, step)
-    return advantages
+    tracker.log_metrics(metrics, step)
+    return values
 
 
 @task(name="evaluate", **_TASK)
 def evaluate_task(
     model,
     tokenizer,
+    prompts: list[list[int]],
     rows: list[dict],
-    funcs: list,
-    names: list[str],
-    weights: list[float],
-    cfg,
+    funcs: rewards.RewardFuncs,
+    rollout_cfg: rollout.RolloutConfig,
+    cfg: evaluate.EvalConfig,
+    reward_cfg: rewards.RewardConfig,
+    seed: int,
     tracker: Tracker,
     step: int,
 ) -> dict[str, float]:
-    """Evaluate on held-out rows after `step` training steps; log eval/* and a table."""
-    from dataclasses import asdict
-
+    """Evaluate on held-out rows (`prompts`: their token ids) after `step` training steps; log
+    eval/* and a table of example completions."""
     start = time.perf_counter()
-    prompts = [
-        data.encode_prompt(
-            tokenizer,
-            row["prompt"],
-            use_chat_template=cfg.data.use_chat_template,
-            system_prompt=cfg.data.system_prompt,
-            template_kwargs=cfg.data.chat_template_kwargs,
-        )
-        for row in rows
-    ]
-    e = cfg.eval
     result = evaluate.evaluate(
         model,
         tokenizer,
         prompts,
         rows,
-        funcs,
-        names,
-        weights,
-        rollout.RolloutConfig(
-            seed=cfg.run.seed * 1_000_003 + 999_983 + step, **asdict(cfg.rollout)
-        ),
-        evaluate.EvalConfig(
-            num_samples=e.num_samples,
-            batch_size=e.batch_size,
-            accuracy_reward=e.accuracy_reward,
-            accuracy_threshold=e.accuracy_threshold,
-            table_rows=e.table_rows,
-        ),
-        timeout=cfg.reward.timeout,
-        on_error=cfg.reward.on_error,
+        funcs.funcs,
+        funcs.names,
+        funcs.weights,
+        rollout_cfg,
+        cfg,
+        seed=seed,
+        timeout=reward_cfg.timeout,
+        on_error=reward_cfg.on_error,
     )
     metrics = dict(result.metrics)
-    metrics.update(
-        {f"eval/{k}": v for k, v in _report_failures(result.failures, names, "eval").items()}
-    )
+    failures = _report_failures(result.failures, funcs.names, "eval")
+    metrics.update({f"eval/{k}": v for k, v in failures.items()})
     metrics["eval/seconds"] = time.perf_counter() - start
     tracker.log_metrics(metrics, step)
     if result.table["prompt"]:
@@ -166,14 +143,17 @@ def update_task(
     optimizer,
     batch: rollout.RolloutBatch,
     advantages: mx.array,
-    cfg: grpo_update.UpdateConfig,
+    cfg: grpo_update.TrainConfig,
     ref_model,
     tracker: Tracker,
     step: int,
     world=None,
+    seed: int = 0,
 ) -> dict[str, float]:
     start = time.perf_counter()
-    metrics = grpo_update.update_step(model, optimizer, batch, advantages, cfg, ref_model, world)
+    metrics = grpo_update.update_step(
+        model, optimizer, batch, advantages, cfg, ref_model, world, seed=seed
+    )
     seconds = time.perf_counter() - start
     tokens = sum(len(p) for p in batch.prompt_ids) + batch.completion_mask.sum().item()
     metrics["update/tokens_per_s"] = tokens * cfg.num_iterations / seconds

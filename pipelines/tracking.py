@@ -19,10 +19,30 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from stages.settings import check, setting
 
-def _quiet() -> None:
+
+@dataclass
+class MlflowConfig:
+    """`mlflow.*`: where the run is tracked."""
+
+    experiment: str = setting("grpo", "MLflow experiment name")
+    tracking_uri: str | None = setting(
+        None, "null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd"
+    )
+    log_completions_every: int = setting(
+        10, "log a table of sample completions every N steps; 0: never"
+    )
+
+    def validate(self) -> None:
+        every = self.log_completions_every
+        check(every >= 0, "log_completions_every", every, ">= 0 (0: never)")
+
+
+def quiet_logs() -> None:
     # First use of a SQLite store runs alembic migrations that log at INFO; keep the console clean.
     # mlflow sets its logger level on import, so import it first.
     import mlflow  # noqa: F401
@@ -55,7 +75,7 @@ class Tracker:
         spool: str | Path | None = None,
         retry_seconds: float = 10.0,
     ):
-        _quiet()
+        quiet_logs()
         # MLflow's HTTP client retries a dead server with backoff for minutes per call; the
         # spool below does the retrying instead, so a call fails fast and training goes on.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -303,7 +323,7 @@ def _read_spool(path: Path) -> list[dict]:
 
 def flush_spool(path: str | Path, tracking_uri: str | None = None) -> int:
     """Send a spool file left by a run that ended while MLflow was down. Returns records sent."""
-    _quiet()
+    quiet_logs()
     from mlflow import MlflowClient
 
     path = Path(path)

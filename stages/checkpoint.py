@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from dataclasses import asdict
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+from stages import lora
+from stages.hf_format import MAX_SHARD_BYTES, hf_weights, model_config, save_weights
+from stages.settings import check, setting
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,90 +35,18 @@ from mlx_lm.utils import save_config
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"
-_DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
-# transformers' default shard limit (save_pretrained(max_shard_size="5GB")).
-MAX_SHARD_BYTES = 5 * 10**9
-# mlx-lm stacks the experts of these architectures into one SwitchGLU ("switch_mlp"); HF stores
-# one tensor per expert under "experts.E".
-_STACKED_EXPERTS = {"qwen3_moe", "qwen2_moe", "olmoe"}
-_SWITCH = re.compile(r"^(.*\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def hf_weights(model: nn.Module) -> dict[str, mx.array]:
-    """The model's parameters under HF names and in HF layout.
+@dataclass
+class CheckpointConfig:
+    """`checkpoint.*`: how often to save and how many checkpoints to keep."""
 
-    mlx-lm's parameter names are HF's, except that MoE models hold each layer's experts stacked
-    as `...mlp.switch_mlp.{gate,up,down}_proj.weight` (E, out, in); HF stores
-    `...mlp.experts.{e}.{gate,up,down}_proj.weight` (out, in) per expert. Quantized models keep
-    mlx-lm's layout (transformers cannot open mlx-lm's quantization anyway).
-    """
-    weights = dict(tree_flatten(model.parameters()))
-    model_type = getattr(getattr(model, "args", None), "model_type", None)
-    if model_type not in _STACKED_EXPERTS or any(n.endswith(".scales") for n in weights):
-        return weights
-    hf = {}
-    for name, value in weights.items():
-        match = _SWITCH.match(name)
-        if match is None:
-            hf[name] = value
-            continue
-        prefix, projection = match.groups()
-        for expert in range(value.shape[0]):
-            hf[f"{prefix}.experts.{expert}.{projection}.weight"] = value[expert]
-    return hf
+    every: int = setting(20, "save every N steps (and always at the end)")
+    keep_last: int = setting(3, "keep the newest N checkpoints; 0 keeps all")
 
-
-def save_weights(
-    directory: Path, weights: dict[str, mx.array], *, max_shard_bytes: int = MAX_SHARD_BYTES
-) -> list[str]:
-    """Write `weights` as HF safetensors: one model.safetensors, or shards of at most
-    `max_shard_bytes` (a bigger tensor gets a shard of its own) named
-    model-0000i-of-0000n.safetensors plus model.safetensors.index.json. Returns the files."""
-    shards: list[dict[str, mx.array]] = []
-    size = 0
-    for name in sorted(weights):
-        value = weights[name]
-        if not shards or size + value.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = value
-        size += value.nbytes
-    count = len(shards)
-    files = (
-        ["model.safetensors"]
-        if count == 1
-        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    )
-    weight_map = {}
-    for file, shard in zip(files, shards):
-        # Contiguous copies: an expert slice of a stacked tensor is a view.
-        shard = {name: mx.contiguous(value) for name, value in shard.items()}
-        mx.save_safetensors(str(directory / file), shard, metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-    if count > 1:
-        index = {
-            "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return files
-
-
-def _model_config(model: nn.Module) -> dict:
-    """The HF config to write: the loaded checkpoint's config.json, else the model's args."""
-    source = getattr(model, "hf_config", None)
-    config = dict(source) if source is not None else asdict(model.args)
-    # Both spellings, so mlx-lm (older names) and transformers >= 5 (either) read the file.
-    from stages.load_weights import mlx_lm_overrides
-
-    config.update(mlx_lm_overrides(config))
-    floating = [
-        v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)
-    ]
-    if floating:
-        config["torch_dtype"] = _DTYPE_NAMES.get(floating[0], "float32")
-        config["dtype"] = config["torch_dtype"]
-    return config
+    def validate(self) -> None:
+        check(self.every >= 1, "every", self.every, ">= 1")
+        check(self.keep_last >= 0, "keep_last", self.keep_last, ">= 0 (0 keeps all)")
 
 
 def save(
@@ -140,13 +72,11 @@ def save(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
 
-    from stages import lora
-
     if lora.has_adapters(model):
         lora.save_adapters(model, staging)
     else:
         save_weights(staging, hf_weights(model), max_shard_bytes=max_shard_bytes)
-    config = _model_config(model)
+    config = model_config(model)
     save_config(dict(config), staging / "config.json")
     tokenizer.save_pretrained(str(staging))
     generation = dict(getattr(model, "generation_config", None) or {})
@@ -222,8 +152,6 @@ def prune(root: str | Path, keep: int) -> list[Path]:
 
 def _safetensors_problem(file: Path) -> str | None:
     """Why a .safetensors file is unreadable (bad header, truncated), or None."""
-    import struct
-
     size = file.stat().st_size
     try:
         with open(file, "rb") as handle:

@@ -9,10 +9,47 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from stages.settings import MISSING, check, setting
 
 import numpy as np
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+
+
+@dataclass
+class DataConfig:
+    """`data.*`: where the prompts come from and how they are encoded."""
+
+    source: str = setting(
+        MISSING, "builtin:arithmetic, or a .jsonl/.json/.csv/.parquet file or save_to_disk folder"
+    )
+    prompt_column: str = setting("prompt", "the column holding the prompt (text or chat)")
+    num_rows: int = setting(512, "rows generated for the built-in task (ignored for files)")
+    use_chat_template: bool = setting(
+        False, "wrap a text prompt as a user message in the tokenizer's chat template"
+    )
+    system_prompt: str | None = setting(None, "system message added before the prompt; null: none")
+    columns: dict[str, str] = setting(
+        factory=dict, help="reward argument -> dataset column, e.g. {answer: solution}"
+    )
+    eval_size: int = setting(0, "rows held out of the training data for evaluation (seeded)")
+    eval_source: str | None = setting(None, "or a separate file of evaluation prompts")
+    chat_template_kwargs: dict[str, Any] = setting(
+        factory=dict,
+        help="extra chat-template variables, e.g. {enable_thinking: false} for Qwen3",
+    )
+
+    def validate(self) -> None:
+        check(self.num_rows >= 1, "num_rows", self.num_rows, ">= 1")
+        check(self.eval_size >= 0, "eval_size", self.eval_size, ">= 0")
+        check(
+            not self.chat_template_kwargs or self.use_chat_template,
+            "chat_template_kwargs",
+            dict(self.chat_template_kwargs),
+            "empty unless data.use_chat_template=true",
+        )
 
 
 def arithmetic_rows(n: int, seed: int = 0, max_operand: int = 4) -> list[dict]:
@@ -211,28 +248,29 @@ class PromptStream:
         return batch
 
 
-def load_splits(
-    source: str,
-    *,
-    prompt_column: str = "prompt",
-    columns: dict[str, str] | None = None,
-    num_rows: int = 512,
-    seed: int = 0,
-    eval_size: int = 0,
-    eval_source: str | None = None,
-) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows): `eval_size` rows held out of `source` (seeded), plus every row of
-    `eval_source` when given (same prompt column and column mapping)."""
-    rows = load_rows(
-        source, prompt_column=prompt_column, num_rows=num_rows, seed=seed, columns=columns
-    )
-    train, held_out = split_rows(rows, eval_size, seed)
-    if eval_source:
+def load_splits(cfg: DataConfig, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) per `cfg`: `cfg.eval_size` rows held out of `cfg.source`
+    (seeded), plus every row of `cfg.eval_source` when given (same prompt column and column
+    mapping)."""
+    options = {"prompt_column": cfg.prompt_column, "columns": dict(cfg.columns)}
+    rows = load_rows(cfg.source, num_rows=cfg.num_rows, seed=seed, **options)
+    train, held_out = split_rows(rows, cfg.eval_size, seed)
+    if cfg.eval_source:
         held_out = held_out + load_rows(
-            eval_source,
-            prompt_column=prompt_column,
-            num_rows=num_rows,
-            seed=seed + 1,
-            columns=columns,
+            cfg.eval_source, num_rows=cfg.num_rows, seed=seed + 1, **options
         )
     return train, held_out
+
+
+def encode_prompts(tokenizer, prompts: list, cfg: DataConfig) -> list[list[int]]:
+    """Token ids of each prompt (text or chat) per `cfg` (chat template, system prompt)."""
+    return [
+        encode_prompt(
+            tokenizer,
+            prompt,
+            use_chat_template=cfg.use_chat_template,
+            system_prompt=cfg.system_prompt,
+            template_kwargs=cfg.chat_template_kwargs,
+        )
+        for prompt in prompts
+    ]

@@ -10,7 +10,30 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from stages.settings import check, one_of, setting
+
 import mlx.core as mx
+
+BACKENDS = ("any", "ring", "mpi", "nccl")
+
+
+@dataclass
+class DistributedConfig:
+    """`distributed.*`: read under `mlx.launch -n N ...` (data parallel); a lone process is
+    world size 1."""
+
+    backend: str = setting(
+        "any", "any | ring | mpi | nccl: mx.distributed backend; error if unavailable"
+    )
+    stop_grace_seconds: float = setting(
+        300.0,
+        "after SIGTERM/Ctrl-C with several processes, the step has this long to finish, else "
+        "exit without saving (a dead peer blocks it forever)",
+    )
+
+    def validate(self) -> None:
+        one_of("backend", self.backend, BACKENDS)
+        check(self.stop_grace_seconds > 0, "stop_grace_seconds", self.stop_grace_seconds, "> 0")
 
 
 class DistributedError(RuntimeError):

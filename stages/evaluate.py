@@ -14,17 +14,31 @@ from dataclasses import dataclass, replace
 
 from stages import rewards
 from stages.rollout import RolloutConfig, generate_rollouts
+from stages.settings import check, setting
 
 import numpy as np
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 1  # 1: greedy; k > 1: k sampled completions per prompt, pass@k
-    batch_size: int = 16  # prompts per generate call
-    accuracy_reward: str | None = None  # reward whose value >= threshold counts as correct
-    accuracy_threshold: float = 1.0
-    table_rows: int = 16  # example completions kept for the table
+    """`eval.*`: evaluation on held-out prompts (data.eval_size or data.eval_source)."""
+
+    every: int = setting(0, "every N steps, and always at the end; 0: only at the end")
+    num_samples: int = setting(1, "1: greedy; k > 1: k sampled completions per prompt (pass@k)")
+    max_prompts: int = setting(0, "at most this many eval prompts; 0: all")
+    batch_size: int = setting(16, "prompts per generate call")
+    accuracy_reward: str | None = setting(
+        None, 'reward function that defines "correct"; null: the first one'
+    )
+    accuracy_threshold: float = setting(1.0, "correct when that reward >= this")
+    table_rows: int = setting(16, "example completions logged as an MLflow table")
+
+    def validate(self) -> None:
+        check(self.every >= 0, "every", self.every, ">= 0 (0: only at the end)")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, ">= 1 (1: greedy)")
+        check(self.max_prompts >= 0, "max_prompts", self.max_prompts, ">= 0 (0: all)")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.table_rows >= 0, "table_rows", self.table_rows, ">= 0")
 
 
 @dataclass
@@ -52,6 +66,7 @@ def evaluate(
     rollout_cfg: RolloutConfig,
     cfg: EvalConfig,
     *,
+    seed: int = 0,
     timeout: float | None = None,
     on_error: str = "raise",
 ) -> EvalResult:
@@ -60,7 +75,8 @@ def evaluate(
     Metrics: eval/reward (mean weighted total), eval/reward_std, eval/rewards/<fn>/mean and /std,
     eval/accuracy (fraction of completions whose `accuracy_reward`, default the first function,
     is >= the threshold), eval/pass@k when num_samples = k > 1 (fraction of prompts with at
-    least one correct completion), and eval/completions/* lengths.
+    least one correct completion), and eval/completions/* lengths. `seed` seeds sampling
+    (pass@k); `timeout` and `on_error` are the reward stage's (stages.rewards.run_rewards).
     """
     if len(prompts) != len(rows) or not prompts:
         raise ValueError(f"evaluate needs one row per prompt, got {len(prompts)} and {len(rows)}")
@@ -82,7 +98,8 @@ def evaluate(
             model,
             tokenizer,
             prompts[start : start + cfg.batch_size],
-            replace(generation, seed=generation.seed + start),
+            generation,
+            seed=seed + start,
         )
         batch.with_columns(rows[start : start + cfg.batch_size])
         scores, found = rewards.run_rewards(

@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from stages import tiny_model
+from stages import gguf, tiny_model
 from stages.backend import resolve_dtype
+from stages.hf_format import mlx_lm_overrides
+from stages.lora import LoraConfig
+from stages.settings import MISSING, FieldError, check, one_of, setting
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,27 +40,47 @@ class CheckpointError(ValueError):
     """A model directory that cannot be trained from; the message names the file."""
 
 
+@dataclass
+class ModelConfig:
+    """`model.*`: which weights to train, in which dtype, and LoRA."""
+
+    path: str = setting(
+        MISSING,
+        "HF-format directory, llama.cpp .gguf file, or builtin:tiny_qwen3 / builtin:tiny_qwen3_moe",
+    )
+    dtype: str = setting(
+        "auto",
+        "auto = float32 on CPU, bfloat16 on GPU/Metal; checkpoint = as config.json says; "
+        "or float32 | bfloat16 | float16",
+    )
+    lora: LoraConfig = setting(factory=LoraConfig, help="LoRA adapters (model.lora.*)")
+    fuse_lora_at_end: bool = setting(
+        False, "merge the adapters and save full (dequantized) HF weights to <output_dir>/fused"
+    )
+
+    def validate(self) -> None:
+        one_of("dtype", self.dtype, DTYPE_CHOICES)
+        try:
+            self.lora.validate()
+        except FieldError as error:
+            raise error.within("lora") from None
+        check(
+            not self.fuse_lora_at_end or self.lora.enabled,
+            "fuse_lora_at_end",
+            True,
+            "false unless model.lora.enabled=true (there is nothing to fuse)",
+        )
+
+
 def resolve_path(path: str | Path) -> Path:
-    """A model directory for `path`, building a built-in model on first use."""
+    """A model directory for `path`, building a built-in model, or converting a `.gguf` file
+    (stages/gguf.py, cached), on first use."""
     text = str(path)
     if text.startswith(BUILTIN_PREFIX):
         return tiny_model.builtin_path(text[len(BUILTIN_PREFIX) :])
+    if text.lower().endswith(".gguf"):
+        return gguf.converted_path(text)
     return Path(text).expanduser()
-
-
-def mlx_lm_overrides(config: dict) -> dict:
-    """Config keys mlx-lm expects under older names than transformers >= 5 writes.
-
-    transformers 5 saves `rope_parameters` (with rope_theta inside) and, for Qwen3-MoE,
-    `num_local_experts`; mlx-lm's qwen3_moe reads `rope_theta` and `num_experts`.
-    """
-    overrides = {}
-    rope = config.get("rope_parameters") or {}
-    if config.get("rope_theta") is None and rope.get("rope_theta") is not None:
-        overrides["rope_theta"] = rope["rope_theta"]
-    if "num_experts" not in config and "num_local_experts" in config:
-        overrides["num_experts"] = config["num_local_experts"]
-    return overrides
 
 
 def _safetensors_header(file: Path) -> dict:

@@ -15,11 +15,13 @@ adapter's scale to 0 for the duration, so the same weights serve both (no second
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+
+from stages.settings import check, setting
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,17 +38,34 @@ _TARGET_TYPES = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLin
 
 
 @dataclass
-class LoraSettings:
-    rank: int = 8
-    scale: float = 20.0  # mlx-lm's scale (the update is scale * x @ A @ B); alpha / rank in PEFT
-    dropout: float = 0.0
-    # Module names inside a transformer block, matched by suffix ("q_proj" or
-    # "self_attn.q_proj"); empty: every linear layer of the block (mlx-lm's default).
-    target_modules: Sequence[str] = field(default_factory=list)
-    num_layers: int = -1  # adapt the last N blocks; -1: all
+class LoraConfig:
+    """`model.lora.*`: LoRA adapters on mlx-lm's layers (QLoRA on an mlx-lm 4/8-bit base)."""
+
+    enabled: bool = setting(
+        False, "true: freeze the model, train only adapters; beta > 0 uses the base as reference"
+    )
+    rank: int = setting(8, "adapter rank")
+    scale: float = setting(20.0, "mlx-lm's scale: update = scale * x @ A @ B (PEFT's alpha / rank)")
+    dropout: float = setting(0.0, "on the adapter input, in the update's forward pass only")
+    target_modules: list[str] = setting(
+        factory=list,
+        help="module names in a block, by suffix (q_proj, mlp.down_proj); []: every linear",
+    )
+    num_layers: int = setting(-1, "adapt the last N blocks; -1: all")
+
+    def validate(self) -> None:
+        check(self.rank >= 1, "rank", self.rank, ">= 1")
+        check(self.scale > 0, "scale", self.scale, "> 0")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        check(
+            self.num_layers == -1 or self.num_layers >= 1,
+            "num_layers",
+            self.num_layers,
+            ">= 1, or -1 for all blocks",
+        )
 
 
-def _block_keys(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+def _block_keys(model: nn.Module, target_modules: list[str]) -> list[str]:
     """The module paths (relative to a block) that get adapters, as mlx-lm's `keys`."""
     found = set()
     for block in model.layers:
@@ -68,7 +87,7 @@ def _block_keys(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
     return sorted(found)
 
 
-def apply(model: nn.Module, settings: LoraSettings) -> dict:
+def apply(model: nn.Module, settings: LoraConfig) -> dict:
     """Freeze `model` and add LoRA adapters (mlx-lm's layers) in place; only they train.
 
     Returns the adapter config (mlx-lm's adapter_config.json content), also kept on the model

@@ -19,8 +19,10 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from stages.chat import completion_parts
+from stages.settings import FieldError, check, one_of, setting
 
 import mlx.core as mx
 
@@ -43,6 +45,62 @@ class RewardError(RuntimeError):
 
 
 ON_ERROR = ("raise", "none")
+
+
+@dataclass
+class RewardFuncConfig:
+    """One entry of `reward.funcs`: a built-in (by its key) or a function by import path."""
+
+    weight: float = setting(1.0, "multiplies this function's reward in the weighted sum")
+    _target_: str | None = setting(
+        None, "import path of a TRL-signature reward function; null: the key names a built-in"
+    )
+    kwargs: dict[str, Any] = setting(
+        factory=dict, help="settings bound to the function, e.g. length's {target: 200}"
+    )
+
+
+@dataclass
+class RewardConfig:
+    """`reward.*`: the reward functions, their weights, and what a failing one does."""
+
+    funcs: dict[str, RewardFuncConfig] = setting(
+        factory=dict, help="name -> {weight, _target_, kwargs}; see conf/reward/*.yaml"
+    )
+    weights: list[float] | None = setting(
+        None, "TRL's reward_weights: a list, one per function in order; overrides each weight"
+    )
+    timeout: float | None = setting(
+        None, "seconds per reward-function call (sync or async); null: no limit"
+    )
+    on_error: str = setting(
+        "raise",
+        "raise: stop with an error naming function and sample; "
+        "none: record None for the failing samples and report them",
+    )
+
+    def validate(self) -> None:
+        check(bool(self.funcs), "funcs", {}, "at least one reward function")
+        for name, spec in self.funcs.items():
+            check(
+                spec._target_ is not None or name in REGISTRY,
+                f"funcs.{name}",
+                name,
+                f"a built-in ({', '.join(sorted(REGISTRY))}) or an entry with _target_",
+            )
+            if spec._target_ is None:
+                try:
+                    bind(REGISTRY[name], dict(spec.kwargs), name)
+                except (TypeError, ValueError) as error:
+                    raise FieldError(f"funcs.{name}.kwargs", rest=f" is invalid: {error}") from None
+        if self.weights is not None and len(self.weights) != len(self.funcs):
+            raise FieldError(
+                "weights",
+                rest=f" has {len(self.weights)} values for {len(self.funcs)} reward functions "
+                f"({', '.join(self.funcs)}); give one weight per function, in that order",
+            )
+        one_of("on_error", self.on_error, ON_ERROR)
+        check(self.timeout is None or self.timeout > 0, "timeout", self.timeout, "null or > 0")
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -311,6 +369,33 @@ def bind(fn: RewardFunc, settings: dict | None, name: str | None = None) -> Rewa
     bound = functools.partial(fn, **settings)
     functools.update_wrapper(bound, fn)
     return bound
+
+
+@dataclass
+class RewardFuncs:
+    """The reward functions a RewardConfig names, ready to call (settings bound), in order."""
+
+    funcs: list[RewardFunc]
+    names: list[str]
+    weights: list[float]  # reward.weights if given, else each function's weight
+
+
+def resolve_funcs(cfg: RewardConfig) -> RewardFuncs:
+    """Import or look up every function of `cfg.funcs` and bind its kwargs. Raises ValueError
+    naming the entry (`reward.funcs.<name>: ...`) when one cannot be resolved."""
+    funcs, names, weights = [], [], []
+    for name, spec in cfg.funcs.items():
+        try:
+            _, fn = resolve(spec._target_ or name)
+            fn = bind(fn, dict(spec.kwargs), name)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"reward.funcs.{name}: {error}") from None
+        funcs.append(fn)
+        names.append(name)
+        weights.append(spec.weight)
+    if cfg.weights is not None:
+        weights = [float(w) for w in cfg.weights]
+    return RewardFuncs(funcs, names, weights)
 
 
 def required_columns(fn: RewardFunc) -> list[str]:

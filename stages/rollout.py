@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass, field
 
 from stages import fused_decode
+from stages.policy import hidden_and_head, policy_logprobs
+from stages.settings import check, one_of, setting
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,62 +46,80 @@ from mlx_lm.sample_utils import (
 LOGPROBS_SOURCES = ("sampler", "policy")
 ENGINES = ("auto", "mlx_lm", "fused")
 PREFILL_STEP = 2048  # prompt tokens per prefill forward (bounds activation memory)
-POLICY_LOGITS_BUDGET = 1 << 27  # float32 logits per chunk when recomputing policy logprobs
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 8
-    max_new_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0  # 1 disables
-    top_k: int = 0  # 0 disables
-    min_p: float = 0.0  # 0 disables
-    repetition_penalty: float = 1.0  # 1 disables; divides positive logits, multiplies negative
-    repetition_context_size: int = 20  # last N tokens (prompt + completion) it looks at
-    presence_penalty: float = 0.0  # 0 disables; subtracted once per token seen
-    presence_context_size: int = 20
-    frequency_penalty: float = 0.0  # 0 disables; subtracted per occurrence
-    frequency_context_size: int = 20
-    xtc_probability: float = 0.0  # 0 disables XTC; per row and token
-    xtc_threshold: float = 0.1
-    stop_strings: list[str] = field(default_factory=list)
-    max_kv_size: int = 0  # 0: full cache; N: rotating cache holding the last N positions
-    logprobs_source: str = "sampler"  # sampler | policy
-    # Decode engine: mlx_lm (mlx-lm's model and batch caches), fused (stages/fused_decode.py:
-    # fused projections, pre-allocated cache; same tokens and logprobs), auto (fused where it
-    # supports the model and max_kv_size is 0, else mlx_lm).
-    engine: str = "auto"
-    seed: int = 0
-    # Data parallel: these rows are rows row_offset.. of a global batch of total_rows (0: this
-    # batch is the whole batch); row i draws with key i of the global batch, as one process would.
-    row_offset: int = 0
-    total_rows: int = 0
+    """`rollout.*`: how completions are generated and sampled."""
+
+    group_size: int = setting(8, "completions per prompt (GRPO's G); >= 2")
+    max_new_tokens: int = setting(4, "completion length limit, in tokens")
+    temperature: float = setting(1.0, "0 = greedy")
+    top_p: float = setting(1.0, "nucleus sampling, in (0, 1]; 1 disables")
+    top_k: int = setting(0, "0 disables")
+    min_p: float = setting(0.0, "0 disables")
+    repetition_penalty: float = setting(
+        1.0, "> 0; 1 disables; divides positive logits, multiplies negative ones"
+    )
+    repetition_context_size: int = setting(
+        20, "last N tokens (prompt + completion) the repetition penalty sees"
+    )
+    presence_penalty: float = setting(
+        0.0, "subtracted once from each token seen in the window; 0 disables"
+    )
+    presence_context_size: int = setting(20, "last N tokens the presence penalty sees")
+    frequency_penalty: float = setting(0.0, "subtracted per occurrence in the window; 0 disables")
+    frequency_context_size: int = setting(20, "last N tokens the frequency penalty sees")
+    xtc_probability: float = setting(
+        0.0, "XTC: per row and token, chance to drop the top choices; 0 disables"
+    )
+    xtc_threshold: float = setting(
+        0.1, "XTC drops all tokens above this probability but the least likely"
+    )
+    stop_strings: list[str] = setting(
+        factory=list, help="finish a completion at any of these (text cut before it)"
+    )
+    max_kv_size: int = setting(0, "0: full KV cache; N: rotating cache of the last N positions")
+    logprobs_source: str = setting(
+        "sampler",
+        "sampler: logprobs of the distribution sampled from; policy: recomputed by the "
+        "training forward (logits / temperature, TRL)",
+    )
+    engine: str = setting(
+        "auto",
+        "decode engine: fused (stages/fused_decode.py: fused projection weights, pre-allocated "
+        "cache; the same tokens and logprobs as mlx_lm), mlx_lm (mlx-lm's model and batch "
+        "caches), auto (fused where it supports the model and max_kv_size is 0, else mlx_lm)",
+    )
 
     def validate(self) -> None:
-        checks = [
-            (self.group_size >= 1, "group_size", ">= 1"),
-            (self.max_new_tokens >= 1, "max_new_tokens", ">= 1"),
-            (self.temperature >= 0, "temperature", ">= 0 (0 = greedy)"),
-            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
-            (self.top_k >= 0, "top_k", ">= 0 (0 disables)"),
-            (0 <= self.min_p < 1, "min_p", "in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 disables)"),
-            (self.repetition_context_size >= 1, "repetition_context_size", ">= 1"),
-            (self.presence_context_size >= 1, "presence_context_size", ">= 1"),
-            (self.frequency_context_size >= 1, "frequency_context_size", ">= 1"),
-            (0 <= self.xtc_probability <= 1, "xtc_probability", "in [0, 1]"),
-            (0 <= self.xtc_threshold <= 0.5, "xtc_threshold", "in [0, 0.5]"),
-            (all(self.stop_strings), "stop_strings", "non-empty strings"),
-            (self.max_kv_size >= 0, "max_kv_size", ">= 0 (0 = unbounded)"),
-            (self.logprobs_source in LOGPROBS_SOURCES, "logprobs_source", "sampler | policy"),
-            (self.engine in ENGINES, "engine", " | ".join(ENGINES)),
-            (self.row_offset >= 0, "row_offset", ">= 0"),
-            (self.total_rows >= 0, "total_rows", ">= 0 (0 = this batch)"),
-        ]
-        for ok, name, expected in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        check(self.group_size >= 1, "group_size", self.group_size, ">= 1")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        check(self.temperature >= 0, "temperature", self.temperature, ">= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        check(self.top_k >= 0, "top_k", self.top_k, ">= 0 (0 disables)")
+        check(0 <= self.min_p < 1, "min_p", self.min_p, "in [0, 1)")
+        check(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "> 0 (1 disables)",
+        )
+        for key in ("repetition_context_size", "presence_context_size", "frequency_context_size"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+        check(0 <= self.xtc_probability <= 1, "xtc_probability", self.xtc_probability, "in [0, 1]")
+        check(0 <= self.xtc_threshold <= 0.5, "xtc_threshold", self.xtc_threshold, "in [0, 0.5]")
+        check(all(self.stop_strings), "stop_strings", self.stop_strings, "non-empty strings")
+        check(self.max_kv_size >= 0, "max_kv_size", self.max_kv_size, ">= 0 (0 = unbounded)")
+        one_of("logprobs_source", self.logprobs_source, LOGPROBS_SOURCES)
+        one_of("engine", self.engine, ENGINES)
+
+
+def step_seed(run_seed: int, step: int, purpose: str = "train") -> int:
+    """The seed of one step's sampling (and update shuffle) from `run.seed`: every step, and
+    evaluation after a step, draws from its own stream."""
+    offset = {"train": 0, "eval": 999_983}[purpose]
+    return run_seed * 1_000_003 + offset + step
 
 
 @dataclass
@@ -115,6 +135,7 @@ class RolloutBatch:
     texts: list[str]  # completions decoded without the EOS, cut before a stop string
     group_size: int
     columns: dict[str, list] = field(default_factory=dict)  # dataset columns, one value per row
+    temperature: float = 1.0  # the sampling temperature (0: greedy); the update divides by it
     engine: str = ""  # the decode engine that generated it: mlx_lm | fused
     engine_bytes: int = 0  # memory that engine added to the model's (fused weight copies)
 
@@ -338,9 +359,7 @@ def _make_caches(model: nn.Module, padding: list[int], max_kv_size: int) -> list
 
 def _prefill(model: nn.Module, tokens: mx.array, caches: list) -> mx.array:
     """Run the prompts through the caches; returns the last position's logits (P, V)."""
-    from stages.grpo_update import _hidden_and_head
-
-    backbone, head = _hidden_and_head(model)
+    backbone, head = hidden_and_head(model)
     for start in range(0, tokens.shape[1], PREFILL_STEP):
         chunk = tokens[:, start : start + PREFILL_STEP]
         last = start + PREFILL_STEP >= tokens.shape[1]
@@ -429,10 +448,24 @@ def _append(history: mx.array | None, tokens: mx.array) -> mx.array | None:
 
 
 def generate_rollouts(
-    model: nn.Module, tokenizer, prompts: list[list[int]], cfg: RolloutConfig
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    cfg: RolloutConfig,
+    *,
+    seed: int = 0,
+    row_offset: int = 0,
+    total_rows: int = 0,
 ) -> RolloutBatch:
-    """`cfg.group_size` completions for each prompt (token ids), batched on mlx-lm's caches."""
+    """`cfg.group_size` completions for each prompt (token ids), batched on mlx-lm's caches.
+
+    `seed` seeds sampling (stages.rollout.step_seed in training). Data parallel: these rows are
+    rows `row_offset`.. of a global batch of `total_rows` (0: this batch is the whole batch);
+    row i draws with key i of the global batch, as one process would.
+    """
     cfg.validate()
+    check(row_offset >= 0, "row_offset", row_offset, ">= 0")
+    check(total_rows >= 0, "total_rows", total_rows, ">= 0 (0 = this batch)")
     check_prompts(model, prompts)
     eos_ids = sorted(tokenizer.eos_token_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -467,18 +500,17 @@ def generate_rollouts(
     running = np.ones(n_rows, dtype=bool)
     active = np.arange(n_rows)  # row ids of the device batch, in order
     eos = np.array(eos_ids)
-    step_keys = mx.random.split(mx.random.key(cfg.seed), steps)
-    total_rows = cfg.total_rows or n_rows
-    if cfg.row_offset + n_rows > total_rows:
+    step_keys = mx.random.split(mx.random.key(seed), steps)
+    total_rows = total_rows or n_rows
+    if row_offset + n_rows > total_rows:
         raise ValueError(
-            f"rows {cfg.row_offset}..{cfg.row_offset + n_rows} are not within "
-            f"total_rows={total_rows}"
+            f"rows {row_offset}..{row_offset + n_rows} are not within total_rows={total_rows}"
         )
 
     def row_keys(step: int) -> mx.array:
         keys = mx.random.split(step_keys[step], total_rows)
         if total_rows != n_rows:
-            keys = keys[cfg.row_offset : cfg.row_offset + n_rows]
+            keys = keys[row_offset : row_offset + n_rows]
         return keys if len(active) == n_rows else keys[mx.array(active)]
 
     token, logprob = sampler(logits, history, row_keys(0), filled=filled_after <= 0)
@@ -537,30 +569,13 @@ def generate_rollouts(
         prompt_texts=[tokenizer.decode(p) for p in row_prompts],
         texts=texts,
         group_size=group,
+        temperature=cfg.temperature,
         engine=engine.name,
         engine_bytes=engine.nbytes,
     )
     if cfg.logprobs_source == "policy":
         batch.logprobs = policy_logprobs(model, batch, cfg.temperature or 1.0)
     return batch
-
-
-def policy_logprobs(model: nn.Module, batch: RolloutBatch, temperature: float) -> mx.array:
-    """(N, T) log p of each completion token under the training forward pass, as TRL computes
-    them: log_softmax(logits / temperature), no processors or filters; 0 on padding."""
-    from stages.grpo_update import _rows, completion_logits, pack, token_logprobs
-
-    packed = pack(batch)
-    n_rows, n_steps = packed.completion_ids.shape
-    vocab = model.args.vocab_size if hasattr(model, "args") else 1 << 17
-    per_chunk = max(1, POLICY_LOGITS_BUDGET // max(1, n_steps * vocab))
-    parts = []
-    for start in range(0, n_rows, per_chunk):
-        rows = _rows(packed, slice(start, min(start + per_chunk, n_rows)))
-        part = token_logprobs(completion_logits(model, rows, temperature), rows.completion_ids)
-        mx.eval(part)
-        parts.append(part)
-    return mx.concatenate(parts) * packed.completion_mask
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

@@ -19,12 +19,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
+
+from stages.data import arithmetic_rows
+from stages.hf_format import hf_weights, save_weights
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx_lm.utils import _get_classes, save_config
 
 PAD, UNK, IM_START, EOS = "<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, UNK, IM_START, EOS]
@@ -115,8 +120,6 @@ def build_tokenizer():
 
 def _format_warmup(model: nn.Module, hf_tokenizer, seed: int) -> None:
     """Teach "one digit, then EOS" after an arithmetic prompt; the digit is random."""
-    from stages.data import arithmetic_rows
-
     rng = np.random.default_rng(seed)
     rows = arithmetic_rows(512, seed=seed + 1)
     eos_id = hf_tokenizer.convert_tokens_to_ids(EOS)
@@ -153,9 +156,6 @@ def _format_warmup(model: nn.Module, hf_tokenizer, seed: int) -> None:
 
 def build(path: str | Path, name: str = "tiny_qwen3", seed: int = 0) -> Path:
     """Write the built-in model `name` as an HF-format directory at `path`."""
-    from stages.checkpoint import hf_weights, save_weights
-
-    from mlx_lm.utils import _get_classes, save_config
 
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
@@ -195,7 +195,5 @@ def builtin_path(name: str) -> Path:
     try:
         staging.rename(target)
     except OSError:  # another process finished first; use its build
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return target

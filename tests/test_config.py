@@ -1,6 +1,10 @@
 """Every shipped config composes and validates; bad values are one-line errors naming the key."""
 
+import dataclasses
+import re
+
 import pytest
+from omegaconf import OmegaConf
 
 from pipelines.config import CONF_DIR, ConfigError, compose, flatten
 
@@ -94,3 +98,88 @@ def test_new_objective_keys_compose():
     assert list(cfg.reward.funcs) == ["exact_answer", "length", "format_soft"]
     assert cfg.reward.funcs["length"].kwargs == {"target": 3}
     assert cfg.train.steps_per_generation == 2 and cfg.data.eval_size == 32
+
+
+# -- conf/grpo.yaml mirrors the schema ---------------------------------------------------------
+
+_KEY_LINE = re.compile(
+    r"^(?P<indent> *)(?P<key>[A-Za-z_]\w*):(?P<value>[^#]*)(?:#\s?(?P<note>.*))?$"
+)
+
+
+def _schema_leaves(cls, prefix=""):
+    """Dotted key -> (default, help) for every leaf field of the config dataclasses."""
+    leaves = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            leaves.update(_schema_leaves(type(default), f"{prefix}{f.name}."))
+        else:
+            leaves[prefix + f.name] = (default, f.metadata.get("help", ""))
+    return leaves
+
+
+def _yaml_leaves(path):
+    """Dotted key -> (default, comment) of conf/grpo.yaml: a key's comment continues on the
+    following comment-only lines whose `#` is in the same column."""
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    values.pop("defaults")
+    leaves, stack, last = {}, [], None
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") and last is not None and line.index("#") == last[1]:
+            leaves[last[0]][1].append(line.split("#", 1)[1].strip())
+            continue
+        last = None
+        match = _KEY_LINE.match(line)
+        if not match or line.startswith("defaults") or line.startswith(" " * 2 + "-"):
+            continue
+        depth = len(match["indent"]) // 2
+        stack[depth:] = [match["key"]]
+        if not match["value"].strip():  # a section header
+            continue
+        key = ".".join(stack)
+        node = values
+        for part in stack:
+            node = node[part]
+        leaves[key] = (node, [match["note"].strip()] if match["note"] else [])
+        if match["note"]:
+            last = (key, line.index("#"))
+    return {k: (v, " ".join(note)) for k, (v, note) in leaves.items() if not k.startswith("-")}
+
+
+def test_grpo_yaml_lists_every_schema_key_with_its_default_and_help():
+    from pipelines.config import GRPOConfig
+
+    schema = _schema_leaves(GRPOConfig)
+    yaml = _yaml_leaves(CONF_DIR / "grpo.yaml")
+    assert sorted(yaml) == sorted(schema), "conf/grpo.yaml and the schema list different keys"
+    for key, (default, help_text) in schema.items():
+        value, comment = yaml[key]
+        assert help_text, f"{key} has no help text in its dataclass field"
+        assert value == default, f"conf/grpo.yaml {key}: {value!r}, the schema says {default!r}"
+        assert " ".join(comment.split()) == " ".join(help_text.split()), (
+            f"conf/grpo.yaml {key}: the comment is not the field's help text"
+        )
+
+
+def test_presets_hold_only_what_differs_from_the_defaults():
+    defaults = OmegaConf.load(CONF_DIR / "grpo.yaml")
+    for group in ("model", "data", "reward"):
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            preset = OmegaConf.to_container(OmegaConf.load(path))
+            flat = _flat(preset)
+            same = [
+                key
+                for key, value in flat.items()
+                if OmegaConf.select(defaults, f"{group}.{key}", default=object()) == value
+            ]
+            assert not same, f"{path.name} repeats defaults: {same}"
+
+
+def _flat(node, prefix=""):
+    if isinstance(node, dict) and node:
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}

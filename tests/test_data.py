@@ -146,6 +146,11 @@ def test_train_eval_split_is_seeded_disjoint_and_checked(tmp_path, records):
     eval_path = tmp_path / "eval.jsonl"
     eval_path.write_text(json.dumps({"question": "e", "answer": "#### 9"}) + "\n")
     train, held_out = data.load_splits(
-        str(train_path), prompt_column="question", eval_size=2, eval_source=str(eval_path)
+        data.DataConfig(
+            source=str(train_path),
+            prompt_column="question",
+            eval_size=2,
+            eval_source=str(eval_path),
+        )
     )
     assert len(train) == 4 and len(held_out) == 3 and held_out[-1]["prompt"] == "e"

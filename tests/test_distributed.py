@@ -1,6 +1,5 @@
 """mx.distributed helpers with 2 real processes over the ring and MPI backends (CPU)."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 from stages import distributed
 
 import pytest
-from launching import launch_env
+from launching import launch_env, reports
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,13 +37,9 @@ def _launch(script: str, *args: str, backend: str = "ring") -> list[dict]:
         timeout=180,
         env=launch_env(backend),
     )
-    reports = [
-        json.loads(line.split("REPORT ", 1)[1])
-        for line in result.stdout.splitlines()
-        if "REPORT " in line
-    ]
-    assert len(reports) == 2, result.stdout + result.stderr
-    return sorted(reports, key=lambda r: r["rank"])
+    found = reports(result.stdout)
+    assert len(found) == 2, result.stdout + result.stderr
+    return sorted(found, key=lambda r: r["rank"])
 
 
 @pytest.mark.slow
@@ -84,7 +79,7 @@ def test_an_unavailable_backend_stops_the_cli_with_one_line(capsys, monkeypatch)
 
 @pytest.mark.slow
 def test_two_ranks_update_like_one_process_for_every_loss_type():
-    from stages.grpo_update import LOSS_TYPES
+    from stages.losses import LOSS_TYPES
 
     reports = _launch("distributed/worker_update.py")
     for report in reports:

@@ -56,8 +56,9 @@ def test_sampled_eval_reports_pass_at_k(tiny):
         [rewards.exact_answer, always],
         ["exact_answer", "always"],
         [1.0, 0.0],
-        RolloutConfig(max_new_tokens=3, temperature=1.0, seed=1),
+        RolloutConfig(max_new_tokens=3, temperature=1.0),
         EvalConfig(num_samples=3, accuracy_reward="always"),
+        seed=1,
     )
     assert result.metrics["eval/pass@3"] == 1.0 and result.metrics["eval/accuracy"] == 1.0
     with pytest.raises(ValueError, match="accuracy_reward 'nope'"):

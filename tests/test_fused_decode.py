@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stages import fused_decode, rollout
 from stages.load_weights import load
-from stages.lora import LoraSettings, adapters_disabled, apply
+from stages.lora import LoraConfig, adapters_disabled, apply
 from stages.rollout import MlxLmEngine, RolloutConfig, generate_rollouts, left_pad
 
 import mlx.core as mx
@@ -112,13 +112,12 @@ class _NoEos:
         return getattr(self._tokenizer, name)
 
 
-def _both(model, tokenizer, prompts, **settings):
-    """(mlx_lm, fused) rollouts of the same prompts and settings."""
+def _both(model, tokenizer, prompts, seed=0, **settings):
+    """(mlx_lm, fused) rollouts of the same prompts, settings and seed."""
     out = []
     for engine in ("mlx_lm", "fused"):
-        batch = generate_rollouts(
-            model, tokenizer, prompts, RolloutConfig(engine=engine, **settings)
-        )
+        cfg = RolloutConfig(engine=engine, **settings)
+        batch = generate_rollouts(model, tokenizer, prompts, cfg, seed=seed)
         assert batch.engine == engine
         out.append(batch)
     return out
@@ -260,7 +259,7 @@ def test_compiled_rollout_equals_mlx_lm(name, llama_dirs, monkeypatch):
 
 
 def _with_random_adapters(model):
-    apply(model, LoraSettings(rank=4, scale=2.0))
+    apply(model, LoraConfig(rank=4, scale=2.0))
     rng = np.random.default_rng(0)
     updates = [
         (name, mx.array(rng.normal(0, 0.05, value.shape).astype(np.float32)))
@@ -279,14 +278,14 @@ def test_lora_adapters_are_applied_exactly(name, llama_dirs):
     the fused engine adds each adapter's update to its slice exactly as mlx-lm's LoRALinear."""
     model, tokenizer = _load(name, llama_dirs)
     prompts = [tokenizer.encode(t) for t in PADDED]
-    settings = dict(group_size=3, max_new_tokens=16, temperature=1.0, seed=4)
-    base = generate_rollouts(model, _NoEos(tokenizer), prompts, RolloutConfig(**settings))
+    settings = dict(group_size=3, max_new_tokens=16, temperature=1.0)
+    base = generate_rollouts(model, _NoEos(tokenizer), prompts, RolloutConfig(**settings), seed=4)
     _with_random_adapters(model)
-    reference, fused = _both(model, _NoEos(tokenizer), prompts, **settings)
+    reference, fused = _both(model, _NoEos(tokenizer), prompts, seed=4, **settings)
     _assert_identical(reference, fused)
     assert not np.array_equal(np.array(fused.logprobs), np.array(base.logprobs))
     with adapters_disabled(model):  # the reference policy of a LoRA run: scale 0, read live
-        reference, fused = _both(model, _NoEos(tokenizer), prompts, **settings)
+        reference, fused = _both(model, _NoEos(tokenizer), prompts, seed=4, **settings)
     _assert_identical(reference, fused)
     assert np.array_equal(np.array(fused.logprobs), np.array(base.logprobs))
 
@@ -395,7 +394,7 @@ def test_engine_is_validated_in_both_configs():
     from pipelines.config import ConfigError, compose
 
     with pytest.raises(
-        ValueError, match=re.escape("engine must be auto | mlx_lm | fused, got 'vllm'")
+        ValueError, match=re.escape("engine='vllm' is invalid: expected auto | mlx_lm | fused")
     ):
         RolloutConfig(engine="vllm").validate()
     with pytest.raises(ConfigError) as error:

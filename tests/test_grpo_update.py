@@ -1,5 +1,7 @@
-from stages import grpo_update
-from stages.grpo_update import UpdateConfig, compute_advantages, grpo_loss
+from stages import grpo_update, policy
+from stages.advantages import compute_advantages, group_advantages
+from stages.grpo_update import TrainConfig
+from stages.losses import grpo_loss
 from stages.rollout import RolloutConfig, generate_rollouts
 
 import mlx.core as mx
@@ -92,7 +94,7 @@ def test_group_advantages_match_numpy_transcription_of_trl(aggregation, scale):
     per_func[3] = np.nan  # unscorable row
     per_func[8:12, 0] = 1.0  # a group where function 0 has no spread
     weights = np.array([1.0, 0.5, 2.0])
-    got, metrics = grpo_update.group_advantages(
+    got, metrics = group_advantages(
         mx.array(per_func.astype(np.float32)), weights, 4, scale, aggregation
     )
     expected, frac_zero = _np_trl_advantages(per_func, weights, 4, scale, aggregation)
@@ -105,7 +107,7 @@ def test_unscorable_rows_are_left_out_of_the_group_baseline():
     """Hand-worked: group [1, 0, None, 1]: mean 2/3 over the three scored rows, std of
     [1, 0, 1] = 0.57735; the None row gets 0, not the advantage of a reward of 0."""
     scores = mx.array([[1.0], [0.0], [np.nan], [1.0]])
-    got = np.array(grpo_update.group_advantages(scores, [1.0], 4, "group")[0])
+    got = np.array(group_advantages(scores, [1.0], 4, "group")[0])
     std = np.std([1.0, 0.0, 1.0], ddof=1)
     np.testing.assert_allclose(
         got,
@@ -117,12 +119,12 @@ def test_unscorable_rows_are_left_out_of_the_group_baseline():
 def test_reward_weights_scale_each_function():
     scores = mx.array([[1.0, 0.0], [0.0, 1.0]])
     # weight 3 on the first function: totals 3 and 1 -> advantages +1, -1 before scaling
-    got = np.array(grpo_update.group_advantages(scores, [3.0, 1.0], 2, "none")[0])
+    got = np.array(group_advantages(scores, [3.0, 1.0], 2, "none")[0])
     np.testing.assert_allclose(got, [1.0, -1.0])
     with pytest.raises(ValueError, match="1 reward weights for 2 reward functions"):
-        grpo_update.group_advantages(scores, [1.0], 2, "group")
+        group_advantages(scores, [1.0], 2, "group")
     with pytest.raises(ValueError, match="multi_objective_aggregation 'mean'"):
-        grpo_update.group_advantages(scores, [1.0, 1.0], 2, "group", "mean")
+        group_advantages(scores, [1.0, 1.0], 2, "group", "mean")
 
 
 def _np_trl_loss(
@@ -365,13 +367,13 @@ def _rollout(tiny, seed=0):
     model, tokenizer = tiny
     prompts = [tokenizer.encode(t) for t in ["1+2=", "3+4=", "2+2=", "0+1="]]
     batch = generate_rollouts(
-        model, tokenizer, prompts, RolloutConfig(group_size=4, max_new_tokens=4, seed=seed)
+        model, tokenizer, prompts, RolloutConfig(group_size=4, max_new_tokens=4), seed=seed
     )
     rewards = mx.array(np.random.default_rng(seed).random(batch.num_rows).astype(np.float32))
     return batch, compute_advantages(rewards, 4, "group")
 
 
-def _params_after(tiny_path, cfg, seed=0, truncate_rows=(), zero_rows=()):
+def _params_after(tiny_path, cfg, seed=0, truncate_rows=(), zero_rows=(), update_seed=0):
     """Parameters and metrics after update_step with SGD(lr=1) on a fixed rollout (the
     parameter change is the gradient itself; Adam would amplify float noise)."""
     from stages.load_weights import load
@@ -384,18 +386,18 @@ def _params_after(tiny_path, cfg, seed=0, truncate_rows=(), zero_rows=()):
         keep = np.ones(batch.num_rows, dtype=np.float32)
         keep[list(zero_rows)] = 0
         advantages = advantages * mx.array(keep)
-    metrics = grpo_update.update_step(model, optim.SGD(learning_rate=1.0), batch, advantages, cfg)
+    metrics = grpo_update.update_step(
+        model, optim.SGD(learning_rate=1.0), batch, advantages, cfg, seed=update_seed
+    )
     return dict(tree_flatten(model.parameters())), metrics
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("micro", [4, 5])  # 5: unequal micro-batches (5, 5, 5, 1)
 def test_gradient_accumulation_equals_one_big_batch(tiny_path, loss_type, micro):
-    base = dict(loss_type=loss_type, max_grad_norm=0, max_completion_length=4)
-    full, full_metrics = _params_after(tiny_path, UpdateConfig(**base))
-    accumulated, acc_metrics = _params_after(
-        tiny_path, UpdateConfig(micro_batch_size=micro, **base)
-    )
+    base = dict(loss_type=loss_type, max_grad_norm=0)
+    full, full_metrics = _params_after(tiny_path, TrainConfig(**base))
+    accumulated, acc_metrics = _params_after(tiny_path, TrainConfig(micro_batch_size=micro, **base))
     assert full_metrics["grad_norm"] > 0
     assert acc_metrics["grad_norm"] == pytest.approx(full_metrics["grad_norm"], rel=1e-4)
     assert acc_metrics["loss"] == pytest.approx(full_metrics["loss"], rel=1e-4, abs=1e-7)
@@ -410,20 +412,16 @@ def test_steps_per_generation_matches_trl_buffer_reference(tiny_path):
     step by step with grpo_loss."""
     from stages.load_weights import load
 
-    cfg = UpdateConfig(
-        loss_type="grpo", steps_per_generation=2, num_iterations=2, max_grad_norm=0, seed=11
-    )
-    updated, metrics = _params_after(tiny_path, cfg, seed=2)
+    cfg = TrainConfig(loss_type="grpo", steps_per_generation=2, num_iterations=2, max_grad_norm=0)
+    updated, metrics = _params_after(tiny_path, cfg, seed=2, update_seed=11)
 
     model, tokenizer = load(tiny_path, dtype="float32")
     batch, advantages = _rollout((model, tokenizer), seed=2)
-    packed = grpo_update.pack(batch)
+    packed = policy.pack(batch)
 
     def logprobs_of(net, rows):
-        part = grpo_update._rows(packed, rows)
-        return grpo_update.token_logprobs(
-            grpo_update.completion_logits(net, part), part.completion_ids
-        )
+        part = policy.take_rows(packed, rows)
+        return policy.token_logprobs(policy.completion_logits(net, part), part.completion_ids)
 
     every = mx.arange(batch.num_rows)
     old = mx.stop_gradient(logprobs_of(model, every))
@@ -456,7 +454,7 @@ def test_steps_per_generation_must_divide_the_batch(tiny):
     batch, advantages = _rollout(tiny)
     with pytest.raises(ValueError, match="steps_per_generation=3 does not split"):
         grpo_update.update_step(
-            tiny[0], optim.SGD(1.0), batch, advantages, UpdateConfig(steps_per_generation=3)
+            tiny[0], optim.SGD(1.0), batch, advantages, TrainConfig(steps_per_generation=3)
         )
 
 
@@ -467,10 +465,10 @@ def test_mask_truncated_completions_removes_their_gradient(tiny_path, loss_type)
     cut = (0, 5, 9)
     base = dict(loss_type=loss_type, max_grad_norm=0)
     masked, _ = _params_after(
-        tiny_path, UpdateConfig(mask_truncated_completions=True, **base), truncate_rows=cut
+        tiny_path, TrainConfig(mask_truncated_completions=True, **base), truncate_rows=cut
     )
-    zeroed, _ = _params_after(tiny_path, UpdateConfig(**base), zero_rows=cut)
-    unmasked, _ = _params_after(tiny_path, UpdateConfig(**base), truncate_rows=cut)
+    zeroed, _ = _params_after(tiny_path, TrainConfig(**base), zero_rows=cut)
+    unmasked, _ = _params_after(tiny_path, TrainConfig(**base), truncate_rows=cut)
     name = next(iter(masked))
     for key, value in masked.items():
         np.testing.assert_allclose(np.array(value), np.array(zeroed[key]), atol=1e-6)
@@ -480,17 +478,15 @@ def test_mask_truncated_completions_removes_their_gradient(tiny_path, loss_type)
 def test_update_raises_logprob_of_advantaged_completions(tiny):
     model, tokenizer = tiny
     batch, advantages = _rollout(tiny, seed=4)
-    packed = grpo_update.pack(batch)
+    packed = policy.pack(batch)
 
     def weighted_logprob():
-        lp = grpo_update.token_logprobs(
-            grpo_update.completion_logits(model, packed), packed.completion_ids
-        )
+        lp = policy.token_logprobs(policy.completion_logits(model, packed), packed.completion_ids)
         return ((lp * packed.completion_mask).sum(axis=1) * advantages).sum().item()
 
     before = weighted_logprob()
     optimizer = grpo_update.make_optimizer(1e-3)
-    metrics = grpo_update.update_step(model, optimizer, batch, advantages, UpdateConfig())
+    metrics = grpo_update.update_step(model, optimizer, batch, advantages, TrainConfig())
     assert weighted_logprob() > before
     assert metrics["grad_norm"] > 0 and metrics["entropy"] > 0
     assert set(metrics) >= {
@@ -508,7 +504,7 @@ def test_update_raises_logprob_of_advantaged_completions(tiny):
 
 def test_clip_min_max_are_over_micro_batches(tiny_path):
     """After a big first step, later steps clip: low_min / high_max bound the means."""
-    cfg = UpdateConfig(num_iterations=3, micro_batch_size=4, max_grad_norm=0, loss_type="grpo")
+    cfg = TrainConfig(num_iterations=3, micro_batch_size=4, max_grad_norm=0, loss_type="grpo")
     _, metrics = _params_after(tiny_path, cfg, seed=3)
     assert metrics["clip_ratio/high_max"] > 0 or metrics["clip_ratio/low_mean"] > 0
     assert metrics["clip_ratio/low_min"] <= metrics["clip_ratio/low_mean"]
@@ -525,7 +521,7 @@ def test_num_iterations_and_kl_to_reference(tiny_path):
     batch, advantages = _rollout((model, tokenizer))
     optimizer = grpo_update.make_optimizer(1e-2)
     metrics = grpo_update.update_step(
-        model, optimizer, batch, advantages, UpdateConfig(num_iterations=3, beta=0.1), reference
+        model, optimizer, batch, advantages, TrainConfig(num_iterations=3, beta=0.1), reference
     )
     # After the first of 3 steps the policy has moved: KL > 0 on average.
     assert metrics["kl"] > 0

@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 
 from stages import checkpoint, grad_checkpoint, grpo_update, lora
-from stages.grpo_update import UpdateConfig, compute_advantages
+from stages.advantages import compute_advantages
+from stages.grpo_update import TrainConfig
 from stages.load_weights import load
 from stages.rollout import RolloutConfig, generate_rollouts
 
@@ -27,7 +28,7 @@ def _params(model):
 def _rollout(model, tokenizer, seed=0):
     prompts = [tokenizer.encode(t) for t in ["1+2=", "3+4=", "2+2="]]
     batch = generate_rollouts(
-        model, tokenizer, prompts, RolloutConfig(group_size=4, max_new_tokens=4, seed=seed)
+        model, tokenizer, prompts, RolloutConfig(group_size=4, max_new_tokens=4), seed=seed
     )
     rewards = mx.array(np.random.default_rng(seed).random(batch.num_rows).astype(np.float32))
     return batch, compute_advantages(rewards, 4, "group")
@@ -39,7 +40,7 @@ def _train(model, tokenizer, steps=2, ref_model=None, **update):
     for step in range(steps):
         batch, advantages = _rollout(model, tokenizer, seed=step)
         metrics = grpo_update.update_step(
-            model, optimizer, batch, advantages, UpdateConfig(**update), ref_model
+            model, optimizer, batch, advantages, TrainConfig(**update), ref_model
         )
     return metrics
 
@@ -57,7 +58,7 @@ def _quantized(tiny_path, bits):
 
 def test_apply_freezes_base_and_targets_by_suffix(tiny):
     model, _ = tiny
-    settings = lora.LoraSettings(rank=4, target_modules=["q_proj", "mlp.down_proj"])
+    settings = lora.LoraConfig(rank=4, target_modules=["q_proj", "mlp.down_proj"])
     config = lora.apply(model, settings)
     assert config["lora_parameters"]["keys"] == ["mlp.down_proj", "self_attn.q_proj"]
     trainable = dict(tree_flatten(model.trainable_parameters()))
@@ -66,15 +67,15 @@ def test_apply_freezes_base_and_targets_by_suffix(tiny):
     assert isinstance(model.layers[0].self_attn.q_proj, LoRALinear)
     assert not isinstance(model.layers[0].self_attn.k_proj, LoRALinear)
     with pytest.raises(ValueError, match="match no linear layer"):
-        lora.apply(load(FIXTURES / "qwen3_tiny")[0], lora.LoraSettings(target_modules=["qkv"]))
+        lora.apply(load(FIXTURES / "qwen3_tiny")[0], lora.LoraConfig(target_modules=["qkv"]))
     with pytest.raises(ValueError, match="num_layers=5 is invalid"):
-        lora.apply(load(FIXTURES / "qwen3_tiny")[0], lora.LoraSettings(num_layers=5))
+        lora.apply(load(FIXTURES / "qwen3_tiny")[0], lora.LoraConfig(num_layers=5))
 
 
 def test_only_adapters_train_and_reference_is_the_base(tiny, tiny_path):
     model, tokenizer = tiny
     base_before = _params(model)
-    lora.apply(model, lora.LoraSettings(rank=4, scale=10.0, num_layers=1))
+    lora.apply(model, lora.LoraConfig(rank=4, scale=10.0, num_layers=1))
     metrics = _train(model, tokenizer, steps=3, beta=0.1, ref_model=model)
     after = _params(model)
     for name, value in base_before.items():
@@ -102,7 +103,7 @@ def test_adapters_save_in_mlx_lm_format(tiny, tiny_path, tmp_path):
     import mlx_lm
 
     model, tokenizer = tiny
-    lora.apply(model, lora.LoraSettings(rank=4, target_modules=["q_proj", "v_proj"]))
+    lora.apply(model, lora.LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
     _train(model, tokenizer, steps=2)
     saved = checkpoint.save(model, tokenizer, tmp_path / "ckpt", state={"step": 2})
     assert (saved / "adapters.safetensors").exists() and (saved / "adapter_config.json").exists()
@@ -119,7 +120,7 @@ def test_fuse_saves_plain_hf_weights_transformers_opens(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = tiny
-    lora.apply(model, lora.LoraSettings(rank=4))
+    lora.apply(model, lora.LoraConfig(rank=4))
     _train(model, tokenizer, steps=2)
     adapted = np.array(model(TOKENS))
     lora.fuse(model)
@@ -137,7 +138,7 @@ def test_moe_lora_on_switch_layers(tmp_path):
     import mlx_lm
 
     model, tokenizer = load(FIXTURES / "qwen3_moe_tiny", dtype="float32")
-    lora.apply(model, lora.LoraSettings(rank=2, target_modules=["switch_mlp.up_proj", "o_proj"]))
+    lora.apply(model, lora.LoraConfig(rank=2, target_modules=["switch_mlp.up_proj", "o_proj"]))
     assert isinstance(model.layers[0].mlp.switch_mlp.up_proj, LoRASwitchLinear)
     # Give the adapters a value, as training would.
     for _, layer in lora.lora_layers(model):
@@ -173,7 +174,7 @@ def test_qlora_trains_adapters_over_packed_weights(tiny_path, tmp_path, bits):
     reloaded, _ = load(base_dir, dtype="float32")
     np.testing.assert_array_equal(np.array(reloaded(TOKENS)), np.array(model(TOKENS)))
 
-    lora.apply(model, lora.LoraSettings(rank=4))
+    lora.apply(model, lora.LoraConfig(rank=4))
     _train(model, tokenizer, steps=2, beta=0.05, ref_model=model)
     after = _params(model)
     for name, value in packed_before.items():

@@ -1,4 +1,4 @@
-from stages import grpo_update, rollout
+from stages import policy, rollout
 from stages.rollout import RolloutConfig, Sampler, generate_rollouts, sample_next
 
 import mlx.core as mx
@@ -59,7 +59,7 @@ def test_unpadded_batch_samples_like_the_masked_cache(tiny, monkeypatch):
     mlx-lm's BatchKVCache with its explicit mask, also after finished rows are dropped."""
     model, tokenizer = tiny
     prompts = _encode(tokenizer, ["hello", "world", "1+2=3", "abcde"])
-    cfg = RolloutConfig(group_size=4, max_new_tokens=10, temperature=1.4, seed=3, engine="mlx_lm")
+    cfg = RolloutConfig(group_size=4, max_new_tokens=10, temperature=1.4, engine="mlx_lm")
     made = []
     real = rollout._make_caches
 
@@ -68,11 +68,11 @@ def test_unpadded_batch_samples_like_the_masked_cache(tiny, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(rollout, "_make_caches", spy)
-    fast = generate_rollouts(model, tokenizer, prompts, cfg)
+    fast = generate_rollouts(model, tokenizer, prompts, cfg, seed=3)
     monkeypatch.setattr(
         rollout, "_make_caches", lambda m, padding, _: [BatchKVCache(padding) for _ in m.layers]
     )
-    masked = generate_rollouts(model, tokenizer, prompts, cfg)
+    masked = generate_rollouts(model, tokenizer, prompts, cfg, seed=3)
     assert made == [rollout.UnpaddedBatchKVCache]
     lengths = np.array(fast.completion_mask).sum(axis=1)
     assert lengths.min() < lengths.max()  # rows finished early and were dropped
@@ -86,7 +86,8 @@ def test_shapes_masks_and_padding_after_eos(tiny):
         model,
         tokenizer,
         _encode(tokenizer, PROMPTS[:3]),
-        RolloutConfig(group_size=4, max_new_tokens=5, seed=3),
+        RolloutConfig(group_size=4, max_new_tokens=5),
+        seed=3,
     )
     n = 3 * 4
     assert batch.completion_ids.shape[0] == n and batch.logprobs.shape == batch.completion_ids.shape
@@ -108,15 +109,10 @@ def test_shapes_masks_and_padding_after_eos(tiny):
 def test_same_seed_same_samples_and_other_seed_differs(tiny):
     model, tokenizer = tiny
     prompts = _encode(tokenizer, PROMPTS)
-    cfg = RolloutConfig(group_size=4, max_new_tokens=6, temperature=1.5, seed=11)
-    first = generate_rollouts(model, tokenizer, prompts, cfg)
-    second = generate_rollouts(model, tokenizer, prompts, cfg)
-    other = generate_rollouts(
-        model,
-        tokenizer,
-        prompts,
-        RolloutConfig(group_size=4, max_new_tokens=6, temperature=1.5, seed=12),
-    )
+    cfg = RolloutConfig(group_size=4, max_new_tokens=6, temperature=1.5)
+    first = generate_rollouts(model, tokenizer, prompts, cfg, seed=11)
+    second = generate_rollouts(model, tokenizer, prompts, cfg, seed=11)
+    other = generate_rollouts(model, tokenizer, prompts, cfg, seed=12)
     assert first.texts == second.texts
     assert first.texts != other.texts
 
@@ -128,11 +124,12 @@ def test_sampling_logprobs_match_the_training_forward(tiny):
         model,
         tokenizer,
         _encode(tokenizer, PROMPTS),
-        RolloutConfig(group_size=3, max_new_tokens=6, seed=5),
+        RolloutConfig(group_size=3, max_new_tokens=6),
+        seed=5,
     )
-    packed = grpo_update.pack(batch)
-    recomputed = grpo_update.token_logprobs(
-        grpo_update.completion_logits(model, packed), packed.completion_ids
+    packed = policy.pack(batch)
+    recomputed = policy.token_logprobs(
+        policy.completion_logits(model, packed), packed.completion_ids
     )
     diff = mx.abs(recomputed - batch.logprobs) * batch.completion_mask
     assert diff.max().item() < 1e-4
@@ -148,7 +145,8 @@ def test_top_k_one_is_greedy(tiny):
         model,
         tokenizer,
         prompts,
-        RolloutConfig(group_size=2, max_new_tokens=5, temperature=0.7, top_k=1, seed=9),
+        RolloutConfig(group_size=2, max_new_tokens=5, temperature=0.7, top_k=1),
+        seed=9,
     )
     assert greedy.texts == top1.texts
     # Only one token survives, so its sampling logprob is 0.
@@ -233,10 +231,14 @@ class _CountingModel:
 def test_group_sharing_equals_unshared_generation_with_the_same_keys(tiny):
     model, tokenizer = tiny
     prompts = _encode(tokenizer, PROMPTS)
-    cfg = dict(max_new_tokens=8, temperature=1.3, top_p=0.95, repetition_penalty=1.3, seed=7)
-    shared = generate_rollouts(model, tokenizer, prompts, RolloutConfig(group_size=4, **cfg))
+    cfg = dict(max_new_tokens=8, temperature=1.3, top_p=0.95, repetition_penalty=1.3)
+    shared = generate_rollouts(
+        model, tokenizer, prompts, RolloutConfig(group_size=4, **cfg), seed=7
+    )
     repeated = [p for p in prompts for _ in range(4)]
-    alone = generate_rollouts(model, tokenizer, repeated, RolloutConfig(group_size=1, **cfg))
+    alone = generate_rollouts(
+        model, tokenizer, repeated, RolloutConfig(group_size=1, **cfg), seed=7
+    )
     assert np.array_equal(np.array(shared.completion_ids), np.array(alone.completion_ids))
     assert np.allclose(np.array(shared.logprobs), np.array(alone.logprobs), atol=1e-5)
     assert len(set(shared.texts)) > 3  # really sampled, not all the same
@@ -249,7 +251,8 @@ def test_finished_rows_leave_the_batch(tiny):
         counting,
         tokenizer,
         _encode(tokenizer, PROMPTS),
-        RolloutConfig(group_size=8, max_new_tokens=12, temperature=1.5, seed=1),
+        RolloutConfig(group_size=8, max_new_tokens=12, temperature=1.5),
+        seed=1,
     )
     lengths = np.array(batch.completion_mask).sum(axis=1)
     assert lengths.min() < lengths.max()  # rows finish at different steps
@@ -399,20 +402,20 @@ def test_rotating_cache_matches_mlx_lm_rotating_generation(tiny):
 def test_policy_logprobs_are_the_training_forward_at_temperature(tiny):
     model, tokenizer = tiny
     prompts = _encode(tokenizer, PROMPTS)
-    cfg = dict(group_size=3, max_new_tokens=6, temperature=0.7, top_k=3, seed=4)
-    sampled = generate_rollouts(model, tokenizer, prompts, RolloutConfig(**cfg))
-    policy = generate_rollouts(
-        model, tokenizer, prompts, RolloutConfig(logprobs_source="policy", **cfg)
+    cfg = dict(group_size=3, max_new_tokens=6, temperature=0.7, top_k=3)
+    sampled = generate_rollouts(model, tokenizer, prompts, RolloutConfig(**cfg), seed=4)
+    recomputed = generate_rollouts(
+        model, tokenizer, prompts, RolloutConfig(logprobs_source="policy", **cfg), seed=4
     )
-    assert np.array_equal(np.array(sampled.completion_ids), np.array(policy.completion_ids))
-    packed = grpo_update.pack(policy)
-    expected = grpo_update.token_logprobs(
-        grpo_update.completion_logits(model, packed, 0.7), packed.completion_ids
+    assert np.array_equal(np.array(sampled.completion_ids), np.array(recomputed.completion_ids))
+    packed = policy.pack(recomputed)
+    expected = policy.token_logprobs(
+        policy.completion_logits(model, packed, 0.7), packed.completion_ids
     )
-    mask = np.array(policy.completion_mask)
-    assert np.allclose(np.array(policy.logprobs), np.array(expected) * mask, atol=1e-4)
+    mask = np.array(recomputed.completion_mask)
+    assert np.allclose(np.array(recomputed.logprobs), np.array(expected) * mask, atol=1e-4)
     # top_k renormalises over fewer tokens, so the sampler's logprobs are higher
-    gap = (np.array(sampled.logprobs) - np.array(policy.logprobs))[mask > 0]
+    gap = (np.array(sampled.logprobs) - np.array(recomputed.logprobs))[mask > 0]
     assert (gap >= -1e-5).all() and gap.max() > 1e-3
 
 
@@ -421,7 +424,7 @@ def test_context_limit_caps_generation_and_long_prompts_fail(tiny):
     limit = model.args.max_position_embeddings
     near = [5] * (limit - 4)
     batch = generate_rollouts(
-        model, _NoEos(tokenizer), [near], RolloutConfig(group_size=2, max_new_tokens=16, seed=0)
+        model, _NoEos(tokenizer), [near], RolloutConfig(group_size=2, max_new_tokens=16), seed=0
     )
     assert batch.completion_mask.sum(axis=1).tolist() == [4.0, 4.0]
     assert batch.finish_reasons == ["length", "length"]
@@ -450,16 +453,11 @@ def test_bad_new_settings_fail_before_generation(tiny, bad, message):
 
 
 def test_rollout_settings_flow_into_rollout_config():
-    from dataclasses import asdict, fields
+    from pipelines.config import compose
 
-    from pipelines.config import RolloutSettings, compose
-
-    per_step = {"seed", "row_offset", "total_rows"}  # set by the flow each step, not configured
-    assert {f.name for f in fields(RolloutSettings)} | per_step == {
-        f.name for f in fields(RolloutConfig)
-    }
     cfg = compose(["rollout.stop_strings=[END,'###']", "rollout.xtc_probability=0.5"])
-    rollout_cfg = RolloutConfig(seed=1, **asdict(cfg.rollout))
+    rollout_cfg = cfg.rollout  # the config node is the stage's own dataclass
+    assert type(rollout_cfg) is RolloutConfig
     rollout_cfg.validate()
     assert rollout_cfg.stop_strings == ["END", "###"] and rollout_cfg.xtc_probability == 0.5
 
@@ -512,16 +510,13 @@ def test_a_share_of_the_batch_draws_like_its_rows_of_the_whole_batch(tiny):
     model, tokenizer = tiny
     prompts = _encode(tokenizer, PROMPTS)
     assert len(prompts) >= 2
-    settings = {"group_size": 4, "max_new_tokens": 6, "temperature": 1.5, "seed": 11}
-    whole = generate_rollouts(model, tokenizer, prompts, RolloutConfig(**settings))
+    cfg = RolloutConfig(group_size=4, max_new_tokens=6, temperature=1.5)
+    whole = generate_rollouts(model, tokenizer, prompts, cfg, seed=11)
     total = len(prompts) * 4
     second = generate_rollouts(
-        model,
-        tokenizer,
-        prompts[1:2],
-        RolloutConfig(row_offset=4, total_rows=total, **settings),
+        model, tokenizer, prompts[1:2], cfg, seed=11, row_offset=4, total_rows=total
     )
-    alone = generate_rollouts(model, tokenizer, prompts[1:2], RolloutConfig(**settings))
+    alone = generate_rollouts(model, tokenizer, prompts[1:2], cfg, seed=11)
     assert second.texts == whole.texts[4:8]
     assert alone.texts != whole.texts[4:8]  # without the offset it draws other samples
     with pytest.raises(ValueError, match="total_rows"):
@@ -529,7 +524,10 @@ def test_a_share_of_the_batch_draws_like_its_rows_of_the_whole_batch(tiny):
             model,
             tokenizer,
             prompts[1:2],
-            RolloutConfig(row_offset=total, total_rows=total, **settings),
+            cfg,
+            seed=11,
+            row_offset=total,
+            total_rows=total,
         )
 
 

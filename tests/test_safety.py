@@ -9,7 +9,8 @@ import sys
 import time
 
 from stages import checkpoint, grpo_update
-from stages.grpo_update import UpdateConfig, compute_advantages
+from stages.advantages import compute_advantages
+from stages.grpo_update import TrainConfig
 from stages.rollout import RolloutConfig, generate_rollouts
 
 import mlx.core as mx
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from pipelines import safety
+from pipelines import resume, safety
 from pipelines.tracking import Tracker, flush_spool
 
 
@@ -65,9 +66,9 @@ def test_latest_checkpoint_sets_damaged_ones_aside(tiny, tmp_path, capsys):
     older, newest = _save(tiny, root, 2), _save(tiny, root, 4)
     _truncate(newest / "model.safetensors", 50)
     (root / ".step-00000006.tmp-123").mkdir()  # a save that never got renamed into place
-    assert safety.latest_checkpoint(root) == older  # preflight: reports nothing, moves nothing
+    assert resume.latest_checkpoint(root) == older  # preflight: reports nothing, moves nothing
     assert newest.exists() and capsys.readouterr().err == ""
-    assert safety.latest_checkpoint(root, set_aside=True) == older
+    assert resume.latest_checkpoint(root, set_aside=True) == older
     err = capsys.readouterr().err
     assert "step-00000004 is damaged (model.safetensors has" in err
     assert "resuming from the previous checkpoint" in err
@@ -76,7 +77,7 @@ def test_latest_checkpoint_sets_damaged_ones_aside(tiny, tmp_path, capsys):
     assert checkpoint.list_checkpoints(root) == [older]
     _truncate(older / "model.safetensors", 50)
     with pytest.raises(ValueError, match="no usable checkpoint"):
-        safety.latest_checkpoint(root)
+        resume.latest_checkpoint(root)
 
 
 def _truncate(path, nbytes):
@@ -103,7 +104,7 @@ def test_nonfinite_update_is_rolled_back_counted_and_stops_after_n(tiny):
     batch = _batch(model, tokenizer)
     optimizer = grpo_update.make_optimizer(1e-2)
     good = compute_advantages(mx.array([1.0, 0.0, 0.0, 1.0]), 2, "group")
-    grpo_update.update_step(model, optimizer, batch, good, UpdateConfig())  # optimizer has state
+    grpo_update.update_step(model, optimizer, batch, good, TrainConfig())  # optimizer has state
     guard, tracker = safety.StepGuard(max_nonfinite_steps=2), _Recorder()
 
     class Stream:
@@ -113,7 +114,7 @@ def test_nonfinite_update_is_rolled_back_counted_and_stops_after_n(tiny):
     state_before = {k: np.array(v) for k, v in tree_flatten(optimizer.state)}
     guard.begin_step(1, model, optimizer, Stream)
     nan = mx.array([float("nan")] * 4)
-    metrics = grpo_update.update_step(model, optimizer, batch, nan, UpdateConfig())
+    metrics = grpo_update.update_step(model, optimizer, batch, nan, TrainConfig())
     assert not np.isfinite(metrics["loss"])
     assert np.isnan(np.array(tree_flatten(model.trainable_parameters())[0][1])).any()
     assert guard.check_update(metrics, model, optimizer, tracker, 1) is True
@@ -125,13 +126,13 @@ def test_nonfinite_update_is_rolled_back_counted_and_stops_after_n(tiny):
 
     # A good step resets the consecutive count; the total stays.
     guard.begin_step(2, model, optimizer, Stream)
-    metrics = grpo_update.update_step(model, optimizer, batch, good, UpdateConfig())
+    metrics = grpo_update.update_step(model, optimizer, batch, good, TrainConfig())
     assert guard.check_update(metrics, model, optimizer, tracker, 2) is False
     assert (guard.nonfinite_run, guard.nonfinite_total) == (0, 1)
 
     for step in (3, 4):
         guard.begin_step(step, model, optimizer, Stream)
-        metrics = grpo_update.update_step(model, optimizer, batch, nan, UpdateConfig())
+        metrics = grpo_update.update_step(model, optimizer, batch, nan, TrainConfig())
         if step == 3:
             guard.check_update(metrics, model, optimizer, tracker, step)
     with pytest.raises(safety.TrainingStopped, match="2 consecutive steps") as stopped:
@@ -204,7 +205,7 @@ def test_the_grace_period_ends_with_the_guard():
 
 
 def test_resume_hint_replaces_run_resume():
-    hint = safety.resume_hint(["train.steps=9", "run.resume=/x"])
+    hint = resume.resume_hint(["train.steps=9", "run.resume=/x"])
     assert hint == "resume with: python -m pipelines.grpo train.steps=9 run.resume=latest"
 
 

@@ -10,7 +10,9 @@ import json
 
 import stages  # noqa: F401
 from stages import distributed, grpo_update, rollout
+from stages.advantages import group_advantages
 from stages.load_weights import load
+from stages.losses import LOSS_TYPES
 
 import mlx.core as mx
 import numpy as np
@@ -22,7 +24,7 @@ GROUP = 4
 _, tokenizer = load("builtin:tiny_qwen3", dtype="float32")
 prompts = [tokenizer.encode(p) for p in PROMPTS]
 mine = distributed.shard(len(prompts), world)
-settings = {"group_size": GROUP, "max_new_tokens": 4, "temperature": 1.5, "seed": 5}
+settings = rollout.RolloutConfig(group_size=GROUP, max_new_tokens=4, temperature=1.5)
 
 
 model = load("builtin:tiny_qwen3", dtype="float32")[0]
@@ -34,25 +36,26 @@ def fresh():
     return model
 
 
-whole = rollout.generate_rollouts(model, tokenizer, prompts, rollout.RolloutConfig(**settings))
+whole = rollout.generate_rollouts(model, tokenizer, prompts, settings, seed=5)
 local = rollout.generate_rollouts(
     model,
     tokenizer,
     prompts[mine],
-    rollout.RolloutConfig(
-        row_offset=mine.start * GROUP, total_rows=len(prompts) * GROUP, **settings
-    ),
+    settings,
+    seed=5,
+    row_offset=mine.start * GROUP,
+    total_rows=len(prompts) * GROUP,
 )
 report = {
     "rank": world.rank,
     "same_samples": whole.texts[mine.start * GROUP : mine.stop * GROUP] == local.texts,
 }
 scores = mx.array(np.random.default_rng(0).normal(size=(len(prompts) * GROUP, 1)), mx.float32)
-advantages = grpo_update.group_advantages(scores, [1.0], GROUP, "batch")[0]
+advantages = group_advantages(scores, [1.0], GROUP, "batch")[0]
 local_advantages = advantages[mine.start * GROUP : mine.stop * GROUP]
 
-for loss_type in grpo_update.LOSS_TYPES:
-    cfg = grpo_update.UpdateConfig(loss_type=loss_type, max_grad_norm=0.5, max_completion_length=4)
+for loss_type in LOSS_TYPES:
+    cfg = grpo_update.TrainConfig(loss_type=loss_type, max_grad_norm=0.5)
     results = []
     for batch, adv, w in ((whole, advantages, None), (local, local_advantages, world)):
         net = fresh()
