@@ -12,11 +12,13 @@ costs. This engine computes exactly what mlx-lm's model computes on its batch KV
   concatenation, no per-layer position arrays), with mlx-lm's `BatchKVCache` semantics: left
   padding masked with the same boolean mask, `filter` keeping rows and dropping the padding
   columns no kept row needs, as `BatchKVCache.filter` does;
-- optionally `mx.compile` on the shape-stable parts of a block (see `FusedDecoder`).
+- optionally `mx.compile` on the one-token steps of a block (`COMPILE`), with the weights as
+  inputs, so a refresh or a new rollout reuses the traces.
 
-Everything else is mlx-lm's own code, called as modules: embeddings, RoPE, the MoE block,
-LoRA adapters (each adapter's update is added to its slice of the fused output as
-`LoRALinear.__call__` adds it), the final norm and the vocabulary head.
+Everything else is mlx-lm's own code, called as modules: embeddings, RoPE, the MoE block, LoRA
+adapters (each adapter's update is added to its slice of the fused output as
+`LoRALinear.__call__` adds it) and the vocabulary head; the norms are `mx.fast.rms_norm` with the
+model's weights, as `nn.RMSNorm` calls it.
 
 The fused weights are copies: `refresh(model)` rebuilds them from the model's current weights
 (after an optimizer update) and `nbytes` is their size. Architectures or layers this engine does
@@ -72,9 +74,10 @@ def unsupported(model: nn.Module) -> str | None:
         projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
         if hasattr(mlp, "gate_proj"):
             projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        kinds = {type(_base_linear(p) or p).__name__ for p in projections}
-        if any(_base_linear(p) is None for p in projections):
-            return f"architecture {model_type!r} with {'/'.join(sorted(kinds))} projections"
+        bases = [p.linear if isinstance(p, LoRALinear) else p for p in projections]
+        other = sorted({type(b).__name__ for b in bases if type(b) is not nn.Linear})
+        if other:
+            return f"architecture {model_type!r} with {'/'.join(other)} projections"
     return None
 
 
@@ -296,6 +299,7 @@ class FusedDecoder:
 
     @property
     def cache_nbytes(self) -> int:
+        """Bytes of the KV cache (allocated for the whole rollout at prefill)."""
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
 
     # -- cache -------------------------------------------------------------------------------
