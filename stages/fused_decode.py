@@ -5,9 +5,11 @@ On a GPU the MLX backend is host-bound at rollout sizes (each operation costs ho
 build and dispatch, each matmul more), so a decode step costs about what its operation count
 costs. This engine computes exactly what mlx-lm's model computes on its batch KV cache, with:
 
-- fused projections: Q|K|V as one matmul and gate|up as one (4 matmuls a block, not 7); each
-  output column of a matmul is its own dot product, so the split result equals the separate
-  matmuls bit for bit (tests/test_fused_decode.py checks it on real rollouts);
+- fused projections: Q|K|V as one matmul and gate|up as one (4 matmuls a block, not 7), for
+  nn.Linear and nn.QuantizedLinear layers alike (quantized weights, scales and biases are
+  concatenated along the outputs); each output column of a matmul is its own dot product, so
+  the split result equals the separate matmuls bit for bit (tests/test_fused_decode.py checks it
+  on real rollouts);
 - a KV cache allocated once for the whole rollout and written in place (no growth by
   concatenation, no per-layer position arrays), with mlx-lm's `BatchKVCache` semantics: left
   padding masked with the same boolean mask, `filter` keeping rows and dropping the padding
@@ -22,8 +24,9 @@ model's weights, as `nn.RMSNorm` calls it.
 
 The fused weights are copies: `refresh(model)` rebuilds them from the model's current weights
 (after an optimizer update) and `nbytes` is their size. Architectures or layers this engine does
-not know (quantized projections, sliding-window layers, pipeline-parallel models) are reported
-by `unsupported(model)`; the rollout then uses mlx-lm's own path.
+not know (other layer types, one input's projections quantized differently, sliding-window
+layers, pipeline-parallel models) are reported by `unsupported(model)`; the rollout then uses
+mlx-lm's own path.
 """
 
 from __future__ import annotations
@@ -51,10 +54,37 @@ def _architecture(model: nn.Module) -> str:
     return f"{module}.{type(model).__name__}"
 
 
-def _base_linear(module: nn.Module) -> nn.Linear | None:
-    """The plain nn.Linear a projection computes (under a LoRA adapter), or None."""
-    base = module.linear if isinstance(module, LoRALinear) else module
-    return base if type(base) is nn.Linear else None
+def _base(projection: nn.Module) -> nn.Module:
+    """The layer a projection computes: itself, or the base under a LoRA adapter."""
+    return projection.linear if isinstance(projection, LoRALinear) else projection
+
+
+def _quantization(layer: nn.Module) -> tuple | None:
+    """(group_size, bits, mode) of a QuantizedLinear; None for a plain Linear."""
+    if isinstance(layer, nn.QuantizedLinear):
+        return (layer.group_size, layer.bits, layer.mode)
+    return None
+
+
+def _group_problem(members: list[nn.Module]) -> str | None:
+    """Why these projections (read from one input) cannot be one matmul; None if they can."""
+    bases = [_base(m) for m in members]
+    other = sorted({type(b).__name__ for b in bases} - {"Linear", "QuantizedLinear"})
+    if other:
+        return f"{'/'.join(other)} projections"
+    if len({(type(b), _quantization(b), "bias" in b) for b in bases}) > 1:
+        kinds = sorted({f"{type(b).__name__}{_quantization(b) or ''}" for b in bases})
+        return f"projections of one input that differ in kind or bias ({', '.join(kinds)})"
+    return None
+
+
+def _groups(layer: nn.Module) -> dict[str, list[nn.Module]]:
+    """A block's projections by the input they read: name -> members, in output order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
+    if hasattr(mlp, "gate_proj"):  # a mixture of experts stays mlx-lm's own block
+        groups |= {"gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+    return groups
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -70,49 +100,36 @@ def unsupported(model: nn.Module) -> str | None:
     if any(getattr(layer, "use_sliding", False) for layer in model.layers):
         return f"architecture {model_type!r} with sliding-window layers"
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
-        if hasattr(mlp, "gate_proj"):
-            projections += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        bases = [p.linear if isinstance(p, LoRALinear) else p for p in projections]
-        other = sorted({type(b).__name__ for b in bases if type(b) is not nn.Linear})
-        if other:
-            return f"architecture {model_type!r} with {'/'.join(other)} projections"
+        for members in _groups(layer).values():
+            problem = _group_problem(members)
+            if problem is not None:
+                return f"architecture {model_type!r} with {problem}"
     return None
 
 
-def _fuse(members: list[nn.Module]) -> tuple[mx.array, mx.array | None, int]:
-    """(W.T (in, sum out), bias or None, bytes copied) of linear layers that read one input.
-
-    W.T is the transposed view of the (out, in) matrix, not a transposed copy, so the matmul is
-    the same BLAS call as nn.Linear's `x @ W.T`. One member: the model's own arrays, no copy.
-    """
-    bases = [_base_linear(m) for m in members]
-    biases = [b.bias for b in bases if "bias" in b]
-    if len(bases) == 1:
-        return bases[0].weight.T, (biases[0] if biases else None), 0
-    weight = mx.concatenate([b.weight for b in bases], axis=0)
-    bias = mx.concatenate(biases) if biases else None
-    return weight.T, bias, weight.nbytes + (bias.nbytes if bias is not None else 0)
-
-
-def _fuse(members: list[nn.Module]) -> tuple[mx.array, mx.array | None, int]:
-    """(W.T (in, sum out), bias or None, bytes copied) of linear layers that read one input.
-
-    W.T is the transposed view of the (out, in) matrix, not a transposed copy, so the matmul is
-    the same BLAS call as nn.Linear's `x @ W.T`. One member: the model's own arrays, no copy.
-    """
-    bases = [_base_linear(m) for m in members]
-    biases = [b.bias for b in bases if "bias" in b]
-    if len(bases) == 1:
-        return bases[0].weight.T, (biases[0] if biases else None), 0
-    weight = mx.concatenate([b.weight for b in bases], axis=0)
-    bias = mx.concatenate(biases) if biases else None
-    return weight.T, bias, weight.nbytes + (bias.nbytes if bias is not None else 0)
+def _fuse(members: list[nn.Module]) -> tuple[dict[str, mx.array], int]:
+    """The arrays of one matmul computing `members` (layers that read one input), and the bytes
+    that were copied to make them: {"weight", "bias"?} for Linear layers, where weight is W.T,
+    the transposed view of the (out, in) matrix (not a transposed copy, so the matmul is the
+    same BLAS call as nn.Linear's `x @ W.T`); {"weight", "scales", "biases"?, "bias"?} for
+    QuantizedLinear layers, concatenated along their outputs. One member: the model's own
+    arrays, no copy."""
+    bases = [_base(m) for m in members]
+    quantized = _quantization(bases[0]) is not None
+    arrays = {}
+    for name in ["weight", "scales", "biases", "bias"] if quantized else ["weight", "bias"]:
+        parts = [b[name] for b in bases if name in b]
+        if parts:
+            arrays[name] = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+    copied = sum(a.nbytes for a in arrays.values()) if len(bases) > 1 else 0
+    if not quantized:
+        arrays["weight"] = arrays["weight"].T
+    return arrays, copied
 
 
 class _BlockSpec:
-    """What a block computes besides its arrays: head counts, norms' eps, split points, RoPE.
+    """What a block computes besides its arrays: head counts, norms' eps, RoPE, and the layout
+    of each projection group (quantization, split points, which arrays it has).
 
     `pre(h, offsets, weights) -> queries, keys, values` and `post(h, attention, weights) -> h`
     read every array from `weights` (name -> array), so their compiled forms take the arrays as
@@ -121,11 +138,11 @@ class _BlockSpec:
     arrays those modules read).
     """
 
-    def __init__(self, layer: nn.Module, splits: dict[str, list[int]], biases: frozenset[str]):
+    def __init__(self, layer: nn.Module, layout: dict[str, tuple]):
         attn = layer.self_attn
         self.n_heads, self.n_kv_heads, self.scale = attn.n_heads, attn.n_kv_heads, attn.scale
-        self.head_dim = _base_linear(attn.q_proj).weight.shape[0] // attn.n_heads
-        self.rope, self.splits, self.biases = attn.rope, splits, biases
+        self.head_dim = _base(attn.q_proj).weight.shape[0] // attn.n_heads
+        self.rope, self.layout = attn.rope, layout
         norms = {"input_norm": layer.input_layernorm, "post_norm": layer.post_attention_layernorm}
         if hasattr(attn, "q_norm"):
             norms |= {"q_norm": attn.q_norm, "k_norm": attn.k_norm}
@@ -134,7 +151,7 @@ class _BlockSpec:
         self.compiled_post = mx.compile(self.post)
 
     @staticmethod
-    def key(layer: nn.Module, splits: dict[str, list[int]], biases: frozenset[str]) -> tuple:
+    def key(layer: nn.Module, layout: dict[str, tuple]) -> tuple:
         """Blocks with equal keys compute the same function of their arrays."""
         attn, rope = layer.self_attn, layer.self_attn.rope
         if type(rope) is nn.RoPE:
@@ -148,20 +165,32 @@ class _BlockSpec:
             attn.n_heads,
             attn.n_kv_heads,
             attn.scale,
-            tuple((name, tuple(points)) for name, points in sorted(splits.items())),
-            tuple(sorted(biases)),
+            tuple(sorted(layout.items())),
             tuple(norm.eps for norm in norms),
             rope_key,
         )
 
     def _linear(self, name: str, x: mx.array, weights: dict, modules: dict) -> list[mx.array]:
-        """The group `name` on x (..., in): one matmul, split, each adapter's update added to its
-        slice as LoRALinear adds it."""
-        if name in self.biases:
-            y = mx.addmm(weights[name + "_bias"], x, weights[name])
+        """The group `name` on x (..., in): one matmul as nn.Linear or nn.QuantizedLinear computes
+        it, split, each adapter's update added to its slice as LoRALinear adds it."""
+        quantization, splits, arrays = self.layout[name]
+        weight, bias = weights[name + ".weight"], weights.get(name + ".bias")
+        if quantization is None:
+            y = x @ weight if bias is None else mx.addmm(bias, x, weight)
         else:
-            y = x @ weights[name]
-        parts = mx.split(y, self.splits[name], axis=-1) if self.splits[name] else [y]
+            group_size, bits, mode = quantization
+            y = mx.quantized_matmul(
+                x,
+                weight,
+                scales=weights[name + ".scales"],
+                biases=weights.get(name + ".biases"),
+                transpose=True,
+                group_size=group_size,
+                bits=bits,
+                mode=mode,
+            )
+            y = y if bias is None else y + bias
+        parts = mx.split(y, list(splits), axis=-1) if splits else [y]
         for i, lora in enumerate(modules.get(name, ())):
             if lora is not None:
                 z = (lora.dropout(x) @ lora.lora_a) @ lora.lora_b
@@ -214,25 +243,19 @@ class _Block:
     and its `spec`."""
 
     def __init__(self, layer: nn.Module):
-        attn, mlp = layer.self_attn, layer.mlp
-        groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
-        self.modules: dict = {}
-        if hasattr(mlp, "gate_proj"):
-            groups |= {"gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
-        else:  # a mixture of experts: mlx-lm's own block
-            self.modules["moe"] = mlp
+        attn = layer.self_attn
+        groups = _groups(layer)
+        self.modules: dict = {} if "gate_up" in groups else {"moe": layer.mlp}
         self.weights: dict[str, mx.array] = {}
         self.fused_nbytes = 0
-        splits, biases = {}, set()
+        layout = {}
         for name, members in groups.items():
-            weight_t, bias, copied = _fuse(members)
-            self.weights[name] = weight_t
-            if bias is not None:
-                self.weights[name + "_bias"] = bias
-                biases.add(name)
+            arrays, copied = _fuse(members)
+            self.weights |= {f"{name}.{array}": value for array, value in arrays.items()}
             self.fused_nbytes += copied
-            sizes = [_base_linear(m).weight.shape[0] for m in members]
-            splits[name] = np.cumsum(sizes)[:-1].tolist()
+            sizes = [_base(m).weight.shape[0] for m in members]
+            splits = tuple(np.cumsum(sizes)[:-1].tolist())
+            layout[name] = (_quantization(_base(members[0])), splits, tuple(sorted(arrays)))
             adapters = [m if isinstance(m, LoRALinear) else None for m in members]
             if any(a is not None for a in adapters):
                 self.modules[name] = adapters
@@ -240,9 +263,9 @@ class _Block:
         self.weights["post_norm"] = layer.post_attention_layernorm.weight
         if hasattr(attn, "q_norm"):
             self.weights["q_norm"], self.weights["k_norm"] = attn.q_norm.weight, attn.k_norm.weight
-        key = _BlockSpec.key(layer, splits, frozenset(biases))
+        key = _BlockSpec.key(layer, layout)
         if key not in _SPECS:
-            _SPECS[key] = _BlockSpec(layer, splits, frozenset(biases))
+            _SPECS[key] = _BlockSpec(layer, layout)
         self.spec = _SPECS[key]
 
     def pre(self, h: mx.array, offsets: mx.array, compiled: bool):
@@ -300,17 +323,15 @@ class FusedDecoder:
     @property
     def cache_nbytes(self) -> int:
         """Bytes of the KV cache (allocated for the whole rollout at prefill)."""
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values) if k is not None)
 
     # -- cache -------------------------------------------------------------------------------
 
-    def _reset(self, padding: list[int], capacity: int, dtype) -> None:
-        n = len(padding)
-        self.keys = [
-            mx.zeros((n, b.spec.n_kv_heads, capacity, b.spec.head_dim), dtype=dtype)
-            for b in self.blocks
-        ]
-        self.values = [mx.zeros_like(k) for k in self.keys]
+    def _reset(self, padding: list[int], capacity: int) -> None:
+        # Allocated at the first write, in the dtype of the keys and values written.
+        self.keys = [None] * len(self.blocks)
+        self.values = [None] * len(self.blocks)
+        self.capacity = capacity
         self.left_padding = np.array(padding, dtype=np.int64)
         self.padded = bool(self.left_padding.any())
         self.start = 0  # first column any row attends to (BatchKVCache trims the others)
@@ -321,10 +342,10 @@ class FusedDecoder:
         """Per-row arrays that change only when the rows do: RoPE offsets and the mask."""
         padding = mx.array(self.left_padding.astype(np.int32))
         self.offsets = self.end - padding  # (n,) int32, BatchKVCache.offset
-        capacity = self.keys[0].shape[2]
         # BatchKVCache's decode mask is `left_padding <= column`; kept for every column, one
         # slice a step replaces building it per step.
-        self.row_mask = padding[:, None, None, None] <= mx.arange(capacity) if self.padded else None
+        columns = mx.arange(self.capacity)
+        self.row_mask = padding[:, None, None, None] <= columns if self.padded else None
 
     def filter(self, index: mx.array) -> None:
         """Keep rows `index` (n,) of the cache, in that order (BatchKVCache.filter)."""
@@ -337,12 +358,12 @@ class FusedDecoder:
         self._update_rows()
 
     def _grow(self, length: int) -> None:
-        capacity = self.keys[0].shape[2]
-        if self.end + length <= capacity:
+        if self.end + length <= self.capacity:
             return
-        extra = self.end + length - capacity
-        self.keys = [mx.pad(k, [(0, 0), (0, 0), (0, extra), (0, 0)]) for k in self.keys]
-        self.values = [mx.pad(v, [(0, 0), (0, 0), (0, extra), (0, 0)]) for v in self.values]
+        extra = [(0, 0), (0, 0), (0, self.end + length - self.capacity), (0, 0)]
+        self.keys = [mx.pad(k, extra) for k in self.keys]
+        self.values = [mx.pad(v, extra) for v in self.values]
+        self.capacity = self.end + length
         self._update_rows()
 
     # -- forward ------------------------------------------------------------------------------
@@ -351,6 +372,10 @@ class FusedDecoder:
         """Write block i's new keys and values (B, Hkv, L, hd) at the end of its cache and attend
         over the columns the rows use; (B, H, L, hd)."""
         end = self.end + keys.shape[2]
+        if self.keys[i] is None:
+            shape = (keys.shape[0], keys.shape[1], self.capacity, keys.shape[3])
+            self.keys[i] = mx.zeros(shape, dtype=keys.dtype)
+            self.values[i] = mx.zeros(shape[:3] + values.shape[3:], dtype=values.dtype)
         self.keys[i][..., self.end : end, :] = keys
         self.values[i][..., self.end : end, :] = values
         return mx.fast.scaled_dot_product_attention(
@@ -389,7 +414,7 @@ class FusedDecoder:
         """Run the left-padded prompts (P, L) into a fresh cache with room for `new_tokens`
         more positions; returns the last position's logits (P, V)."""
         P, L = tokens.shape
-        self._reset(padding, L + new_tokens, self.blocks[0].weights["qkv"].dtype)
+        self._reset(padding, L + new_tokens)
         for start in range(0, L, self.prefill_step):
             hidden = self._forward(tokens[:, start : start + self.prefill_step])
             if start + self.prefill_step < L:

@@ -92,7 +92,16 @@ MODELS = [
 ]
 
 
+# Quantized bases (nn.QuantizedLinear projections; QLoRA with adapters on top).
+QUANTIZED = {"qwen3_q4": ("builtin:tiny_qwen3", 4), "qwen3_moe_q8": ("builtin:tiny_qwen3_moe", 8)}
+
+
 def _load(name, llama_dirs):
+    if name in QUANTIZED:
+        base, bits = QUANTIZED[name]
+        model, tokenizer = load(base, dtype="float32")
+        nn.quantize(model, group_size=32, bits=bits)
+        return model, tokenizer
     if name in llama_dirs:
         return load(llama_dirs[name], dtype="float32")
     fixtures = {"qwen3_fixture": "qwen3_tiny", "qwen3_moe_fixture": "qwen3_moe_tiny"}
@@ -156,8 +165,14 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("setting", sorted(SETTINGS))
-@pytest.mark.parametrize("name", MODELS)
+QUANTIZED_SETTINGS = ("greedy-padded", "penalties-padded", "xtc-unpadded")
+
+
+@pytest.mark.parametrize(
+    "name, setting",
+    [(name, setting) for name in MODELS for setting in sorted(SETTINGS)]
+    + [(name, setting) for name in QUANTIZED for setting in QUANTIZED_SETTINGS],
+)
 def test_fused_rollout_equals_mlx_lm(name, setting, llama_dirs):
     model, tokenizer = _load(name, llama_dirs)
     texts, settings = SETTINGS[setting]
@@ -221,7 +236,7 @@ def _greedy_logits(engine, prompts, pad_id, group, steps, keep_after):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["plain", "compiled"])
 @pytest.mark.parametrize("prefill_step", [2048, 3])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + list(QUANTIZED))
 def test_engine_logits_are_bitwise_equal_through_prefill_decode_and_filter(
     name, prefill_step, compiled, llama_dirs, monkeypatch
 ):
@@ -272,7 +287,9 @@ def _with_random_adapters(model):
     return model
 
 
-@pytest.mark.parametrize("name", ["builtin:tiny_qwen3", "builtin:tiny_qwen3_moe", "llama_biased"])
+@pytest.mark.parametrize(
+    "name", ["builtin:tiny_qwen3", "builtin:tiny_qwen3_moe", "llama_biased", "qwen3_q4"]
+)
 def test_lora_adapters_are_applied_exactly(name, llama_dirs):
     """Nonzero adapters (q, k, v, o, gate, up, down and the experts') change the completions;
     the fused engine adds each adapter's update to its slice exactly as mlx-lm's LoRALinear."""
@@ -368,11 +385,11 @@ def test_unsupported_models_fall_back_to_mlx_lm_and_fused_says_why(tiny):
     model, tokenizer = tiny
     prompts = [tokenizer.encode(t) for t in PADDED]
     settings = dict(group_size=2, max_new_tokens=6, temperature=0)
-    quantized, _ = load("builtin:tiny_qwen3", dtype="float32")
-    nn.quantize(quantized, group_size=32, bits=8)
+    mixed, _ = load("builtin:tiny_qwen3", dtype="float32")  # Q quantized, K and V not
+    nn.quantize(mixed, group_size=32, bits=8, class_predicate=lambda path, _: "q_proj" in path)
     cases = [
         (_tiny_qwen2(), "architecture 'qwen2'", {}),
-        (quantized, "architecture 'qwen3' with QuantizedLinear projections", {}),
+        (mixed, "architecture 'qwen3' with projections of one input that differ in kind", {}),
         (model, "max_kv_size=16 (a rotating cache)", {"max_kv_size": 16}),
     ]
     for candidate, reason, extra in cases:
