@@ -113,6 +113,12 @@ class RolloutConfig:
         check(self.max_kv_size >= 0, "max_kv_size", self.max_kv_size, ">= 0 (0 = unbounded)")
         one_of("logprobs_source", self.logprobs_source, LOGPROBS_SOURCES)
         one_of("engine", self.engine, ENGINES)
+        check(
+            not (self.engine == "fused" and self.max_kv_size),
+            "engine",
+            self.engine,
+            "auto or mlx_lm when max_kv_size > 0 (the fused engine has no rotating cache)",
+        )
 
 
 def step_seed(run_seed: int, step: int, purpose: str = "train") -> int:
