@@ -1,17 +1,24 @@
-"""GRPO group generation, side by side in one process: our rollout vs mlx-lm vs transformers.
+"""GRPO group generation, side by side in one process: our rollout on each decode engine vs
+mlx-lm's BatchGenerator vs transformers.
 
     ./dev python benchmarks/rollout.py [--shape small|0.6b] [--prompts 8] [--group 8]
         [--prompt-tokens 128] [--new-tokens 256] [--rounds 2] [--no-transformers]
+        [--fused-compile auto|on|off|both]
 
-The same work through (1) `stages.rollout.generate_rollouts`, (2) mlx-lm's `BatchGenerator`
-(every prompt inserted `group` times, one batch of all rows), (3) transformers `generate` with
-`num_return_sequences=group` when torch is installed. Random weights of a Qwen3 shape (0.6b:
-Qwen3-0.6B's; small: the same structure scaled down), random prompt tokens, temperature 1 with
-no filters, and no early stop (no EOS or stop token anywhere), so every system generates exactly
-prompts x group x new-tokens tokens. Default shape: 0.6b on a GPU, small on CPU. dtype: float32
-on CPU, bfloat16 on GPU. Tokens/s counts generated tokens over the whole call (prefill
-included); the MLX systems run alternately `--rounds` times and each reports its best round.
-Targets: our rollout >= 2x BatchGenerator on GPU, >= 1.5x on CPU.
+The same work through (1) `stages.rollout.generate_rollouts` with engine=fused (fused QKV and
+gate/up weights, pre-allocated cache; `--fused-compile` picks `fused_decode.COMPILE`, `both`
+runs it compiled and not), (2) the same with engine=mlx_lm (mlx-lm's model and batch caches),
+(3) mlx-lm's `BatchGenerator` (every prompt inserted `group` times, one batch of all rows),
+(4) transformers `generate` with `num_return_sequences=group` when torch is installed. Random
+weights of a Qwen3 shape (0.6b: Qwen3-0.6B's; small: the same structure scaled down), random
+prompt tokens, temperature 1 with no filters, and no early stop (no EOS or stop token anywhere),
+so every system generates exactly prompts x group x new-tokens tokens. Default shape: 0.6b on a
+GPU, small on CPU. dtype: float32 on CPU, bfloat16 on GPU. Tokens/s counts generated tokens
+over the whole call (prefill and, for engine=fused, building its fused weights included); the
+MLX systems run alternately `--rounds` times and each reports its best round. Also prints what
+building the fused weights (`FusedDecoder.refresh`, once per rollout) costs and their size.
+Targets: engine=fused >= 1.4x BatchGenerator on GPU, >= 1.5x on CPU; both engines give the
+same tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 import stages  # noqa: F401  (attach the fast BLAS before mlx.core is imported)
 
 # isort: split
+from stages import fused_decode  # noqa: E402
 from stages.backend import resolve_dtype  # noqa: E402
 from stages.rollout import RolloutConfig, generate_rollouts  # noqa: E402
 
@@ -84,10 +92,30 @@ def build_model(shape: dict, dtype):
     return model
 
 
-def run_ours(model, prompts, group, new_tokens) -> int:
-    cfg = RolloutConfig(group_size=group, max_new_tokens=new_tokens, temperature=1.0)
-    batch = generate_rollouts(model, NoStopTokenizer(), prompts, cfg)
-    return int(batch.completion_mask.sum().item())
+def ours(engine: str, compile_fused: bool | None = None):
+    """Our rollout on `engine`; for fused, compiled as `compile_fused` says (None: default)."""
+
+    def run(model, prompts, group, new_tokens) -> int:
+        fused_decode.COMPILE = compile_fused
+        cfg = RolloutConfig(
+            group_size=group, max_new_tokens=new_tokens, temperature=1.0, engine=engine
+        )
+        batch = generate_rollouts(model, NoStopTokenizer(), prompts, cfg)
+        assert batch.engine == engine, f"asked for engine={engine}, ran {batch.engine}"
+        return int(batch.completion_mask.sum().item())
+
+    return run
+
+
+def refresh_cost(model, repeats: int = 5) -> tuple[float, int]:
+    """(best seconds to build the fused weights from the model's, their bytes)."""
+    engine = fused_decode.FusedDecoder(model)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.refresh(model)  # evaluates the fused weights before returning
+        best = min(best, time.perf_counter() - start)
+    return best, engine.nbytes
 
 
 def run_batch_generator(model, prompts, group, new_tokens) -> int:
@@ -107,15 +135,18 @@ def run_batch_generator(model, prompts, group, new_tokens) -> int:
     return count
 
 
-def timed(fn, *args) -> tuple[float, int, float]:
-    """(seconds, tokens, peak MLX memory in GiB) of one call."""
+def timed(fn, *args) -> tuple[float, int, float, float]:
+    """(seconds, tokens, peak MLX memory in GiB, CPU seconds of this process) of one call.
+
+    CPU seconds (all threads) are the steadier measure on a CPU shared with other work, where
+    wall time includes the time other processes hold the cores."""
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokens = fn(*args)
-    seconds = time.perf_counter() - start
-    return seconds, tokens, mx.get_peak_memory() / 2**30
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return seconds, tokens, mx.get_peak_memory() / 2**30, cpu
 
 
 def run_transformers(model, shape: dict, prompts, group, new_tokens, warmup_tokens):
@@ -182,6 +213,12 @@ def main() -> None:
     parser = work_arguments(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per MLX system")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument(
+        "--fused-compile",
+        choices=("auto", "on", "off", "both"),
+        default="auto",
+        help="fused engine with mx.compile: auto (its default for this device), on, off, both",
+    )
     args = parser.parse_args()
 
     gpu = mx.default_device() == mx.gpu
@@ -199,32 +236,49 @@ def main() -> None:
         f"{args.new_tokens} new tokens ({expected} generated per system)"
     )
 
-    systems = {"ours (generate_rollouts)": run_ours, "mlx-lm BatchGenerator": run_batch_generator}
+    compile_choices = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}
+    systems = {}
+    for choice in compile_choices[args.fused_compile]:
+        label = {None: "", True: ", compiled", False: ", not compiled"}[choice]
+        systems[f"ours engine=fused{label}"] = ours("fused", choice)
+    systems["ours engine=mlx_lm"] = ours("mlx_lm")
+    systems["mlx-lm BatchGenerator"] = run_batch_generator
     for fn in systems.values():
         fn(model, prompts, args.group, 8)  # warm-up: kernels, allocator
-    results = {}
+    results = {}  # name -> (best seconds, tokens, peak GiB, best CPU seconds or None)
     for round_ in range(args.rounds):  # alternate, keep each system's best (shared machines)
         for name, fn in systems.items():
-            seconds, tokens, peak = timed(fn, model, prompts, *work)
+            seconds, tokens, peak, cpu = timed(fn, model, prompts, *work)
             assert tokens == expected, f"{name} generated {tokens} tokens, expected {expected}"
-            print(f"  round {round_ + 1}: {name} {seconds:.2f} s", flush=True)
-            if name not in results or seconds < results[name][0]:
-                results[name] = (seconds, tokens, max(peak, results.get(name, (0, 0, 0))[2]))
+            print(f"  round {round_ + 1}: {name} {seconds:.2f} s, CPU {cpu:.2f} s", flush=True)
+            best = results.get(name, (seconds, tokens, peak, cpu))
+            results[name] = (min(best[0], seconds), tokens, max(best[2], peak), min(best[3], cpu))
     if not args.no_transformers:
         hf = run_transformers(model, shape, prompts, args.group, args.new_tokens, 8)
         if hf is None:
             print("transformers: torch/transformers not installed, skipped")
         else:
             assert hf[1] == expected, f"transformers generated {hf[1]} tokens, not {expected}"
-            results["transformers generate"] = hf
+            results["transformers generate"] = (*hf, None)
 
-    ours = results["ours (generate_rollouts)"]
-    print(f"{'system':<26}{'seconds':>9}{'tokens/s':>11}{'peak GiB':>10}{'ours x':>8}")
-    for name, (seconds, tokens, peak) in results.items():
-        rate = tokens / seconds
-        ratio = (ours[1] / ours[0]) / rate
+    seconds, nbytes = refresh_cost(model)
+    print(
+        f"fused weights: {nbytes / 2**20:.1f} MiB, built (refresh) in {1000 * seconds:.2f} ms "
+        f"({100 * seconds / results['ours engine=mlx_lm'][0]:.2f}% of an engine=mlx_lm rollout)"
+    )
+    base_seconds, _, _, base_cpu = results["mlx-lm BatchGenerator"]
+    print(
+        f"{'system':<32}{'seconds':>9}{'tokens/s':>10}{'peak GiB':>10}{'CPU s':>8}"
+        f"{'vs BatchGenerator: wall':>25}{'CPU':>7}"
+    )
+    for name, (seconds, tokens, peak, cpu) in results.items():
         peak_text = f"{peak:.2f}" if peak is not None else "-"
-        print(f"{name:<26}{seconds:>9.2f}{rate:>11.0f}{peak_text:>10}{ratio:>7.2f}x")
+        cpu_text = f"{cpu:.2f}" if cpu is not None else "-"
+        cpu_ratio = f"{base_cpu / cpu:.2f}x" if cpu is not None else "-"
+        print(
+            f"{name:<32}{seconds:>9.2f}{tokens / seconds:>10.0f}{peak_text:>10}{cpu_text:>8}"
+            f"{base_seconds / seconds:>24.2f}x{cpu_ratio:>7}"
+        )
 
 
 if __name__ == "__main__":

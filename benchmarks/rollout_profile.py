@@ -1,16 +1,23 @@
-"""Where a rollout's time goes: the full rollout vs its parts, on the same weights and work.
+"""Where a rollout's time goes, per decode engine: the full rollout vs its parts, on the same
+weights and work.
 
-    python benchmarks/rollout_profile.py [--shape small|0.6b]
+    python benchmarks/rollout_profile.py [--shape small|0.6b] [--engines fused,mlx_lm]
+        [--fused-compile auto|on|off] [--runs 2]
 
-Prints, side by side: (1) `generate_rollouts`; (2) the bare decode floor: the same prefill and
-KV cache, then one model forward per step with a greedy argmax and nothing else (no sampling, no
-host reads); (3) the floor plus our per-row sampler (`Sampler`, per-row keys, inverse-CDF
-draw); (4) the floor plus `mx.random.categorical` on the whole batch (mlx-lm's draw). The gaps
-between them are the sampler's cost and the host bookkeeping's cost. For each decode loop it also
-prints the host's share: milliseconds per step spent building the step's graph in Python
-(mlx-lm's forward) and dispatching it (`mx.async_eval`, which on CUDA encodes every kernel on the
-calling thread). When build + dispatch is close to the step time, the step is host-bound: the
-GPU waits for the host, and only fewer or cheaper operations per step make it faster.
+For each engine (`stages.rollout.make_engine`: fused, mlx_lm) it prints, side by side:
+(1) `generate_rollouts` on that engine; (2) the bare decode floor: the engine's prefill and
+cache, then one forward per step with a greedy argmax and nothing else; (3) the floor plus our
+per-row sampler (`Sampler`, per-row keys, inverse-CDF draw); (4) the floor plus
+`mx.random.categorical` on the whole batch (mlx-lm's draw). The decode loops run as the rollout
+does: step t+1 is queued with `mx.async_eval` before the host reads step t's tokens. The gaps
+between them are the sampler's cost and the host bookkeeping's cost. For each decode loop it
+also prints the host's share: milliseconds per step spent building the step's graph in Python
+(the engine's forward and the draw) and dispatching it (`mx.async_eval`, which on CUDA encodes
+every kernel on the calling thread), and that share of the step. When build + dispatch is close
+to the step time, the step is host-bound: the GPU waits for the host, and only fewer or cheaper
+operations per step make it faster. (On CPU the share means little: MLX bounds the tasks in
+flight, so dispatching waits for the compute. CPU ms/step, this process's CPU time, is the
+steadier measure on a CPU shared with other work.)
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import time
 import stages  # noqa: F401  (before mlx.core: fast CPU BLAS)
 
 # isort: split
+from stages import fused_decode
 from stages.backend import resolve_dtype
-from stages.rollout import RolloutConfig, Sampler, _make_caches, _prefill, generate_rollouts
+from stages.rollout import RolloutConfig, Sampler, generate_rollouts, make_engine
 
 import mlx.core as mx
 import numpy as np
@@ -36,32 +44,38 @@ class _Tokenizer:
         return ""
 
 
-def decode_loop(model, prompts, group, steps, draw) -> tuple[float, float, float]:
-    """(seconds in all, seconds building graphs, seconds dispatching them) of one rollout."""
+def decode_loop(engine, prompts, group, steps, draw) -> tuple[float, float, float, float]:
+    """(seconds in all, CPU seconds, seconds building graphs, seconds dispatching them) of one
+    rollout's prefill and decode through `engine`, pipelined one step ahead as the rollout is."""
     tokens = mx.array(prompts, dtype=mx.int32)
-    start = time.perf_counter()
-    caches = _make_caches(model, [0] * len(prompts), 0)
-    logits = _prefill(model, tokens, caches)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    logits = engine.prefill(tokens, [0] * len(prompts), steps)
     shared = mx.repeat(mx.arange(len(prompts)), group)
-    for cache in caches:
-        cache.filter(shared)
+    engine.filter(shared)
     logits = logits[shared]
     keys = mx.random.split(mx.random.key(0), steps)
     token = draw(logits, keys[0])
+    mx.async_eval(token)
     build = dispatch = 0.0
     for step in range(1, steps):
         tick = time.perf_counter()
-        logits = model(token[:, None], cache=caches)[:, -1, :]
-        token = draw(logits, keys[step])
+        next_token = draw(engine.decode(token), keys[step])
         tock = time.perf_counter()
-        mx.async_eval(token)
+        mx.async_eval(next_token)
         build, dispatch = build + tock - tick, dispatch + time.perf_counter() - tock
-    mx.eval(token)
-    return time.perf_counter() - start, build, dispatch
+        np.array(token)  # the host reads step t while step t + 1 runs
+        token = next_token
+    np.array(token)
+    return time.perf_counter() - start, time.process_time() - cpu_start, build, dispatch
 
 
 def main() -> None:
-    args = work_arguments(__doc__.splitlines()[0]).parse_args()
+    parser = work_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--engines", default="fused,mlx_lm", help="comma-separated engines")
+    parser.add_argument("--fused-compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per variant (best kept)")
+    args = parser.parse_args()
+    fused_decode.COMPILE = {"auto": None, "on": True, "off": False}[args.fused_compile]
     shape = args.shape or ("0.6b" if mx.default_device() != mx.cpu else "small")
     model = build_model(SHAPES[shape], resolve_dtype("auto"))
     vocab = model.args.vocab_size
@@ -73,51 +87,60 @@ def main() -> None:
     def ours(logits, key):
         return sampler(logits, None, mx.random.split(key, n_rows))[0]
 
-    systems = {
-        "generate_rollouts": lambda: _time_rollout(model, prompts, args),
-        "decode floor (argmax)": lambda: decode_loop(
-            model, prompts, args.group, args.new_tokens, lambda x, k: mx.argmax(x, axis=-1)
-        ),
-        "floor + our sampler": lambda: decode_loop(
-            model, prompts, args.group, args.new_tokens, ours
-        ),
-        "floor + mx.random.categorical": lambda: decode_loop(
-            model,
-            prompts,
-            args.group,
-            args.new_tokens,
-            lambda x, k: mx.random.categorical(x.astype(mx.float32), key=k),
-        ),
-    }
+    def argmax(logits, key):
+        return mx.argmax(logits, axis=-1)
+
+    def categorical(logits, key):
+        return mx.random.categorical(logits.astype(mx.float32), key=key)
+
     tokens = n_rows * args.new_tokens
     print(
         f"device {mx.default_device()}, shape {shape}, {args.prompts} prompts x group "
-        f"{args.group}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens"
+        f"{args.group}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
+        f"fused compile {args.fused_compile}"
     )
-    for name, run in systems.items():
-        run()  # warm-up
-        seconds, build, dispatch = min(run() for _ in range(2))
-        host = (
-            f"  host: build {1000 * build / args.new_tokens:5.2f} + dispatch "
-            f"{1000 * dispatch / args.new_tokens:5.2f} ms/step"
-            if build
-            else ""
-        )
-        print(
-            f"{name:32s} {seconds:7.3f} s  {tokens / seconds:9.0f} tokens/s  "
-            f"{1000 * seconds / args.new_tokens:6.2f} ms/step{host}"
+    for engine_name in args.engines.split(","):
+        cfg = RolloutConfig(
+            group_size=args.group, max_new_tokens=args.new_tokens, engine=engine_name
         )
 
+        def loop(draw, cfg=cfg):
+            return decode_loop(make_engine(model, cfg), prompts, args.group, args.new_tokens, draw)
 
-def _time_rollout(model, prompts, args) -> tuple[float, float, float]:
-    start = time.perf_counter()
-    generate_rollouts(
-        model,
-        _Tokenizer(),
-        prompts,
-        RolloutConfig(group_size=args.group, max_new_tokens=args.new_tokens),
-    )
-    return time.perf_counter() - start, 0.0, 0.0
+        systems = {
+            "generate_rollouts": lambda cfg=cfg: _time_rollout(model, prompts, cfg),
+            "decode floor (argmax)": lambda loop=loop: loop(argmax),
+            "floor + our sampler": lambda loop=loop: loop(ours),
+            "floor + mx.random.categorical": lambda loop=loop: loop(categorical),
+        }
+        for name, run in systems.items():
+            run()  # warm-up
+            timings = [run() for _ in range(args.runs)]
+            seconds, _, build, dispatch = min(timings)
+            cpu = min(t[1] for t in timings)
+            step_ms = 1000 * seconds / args.new_tokens
+            host = ""
+            if build:
+                build_ms = 1000 * build / args.new_tokens
+                dispatch_ms = 1000 * dispatch / args.new_tokens
+                share = (build_ms + dispatch_ms) / step_ms
+                host = (
+                    f"  host: build {build_ms:5.2f} + dispatch {dispatch_ms:5.2f} ms/step "
+                    f"({100 * share:3.0f}%)"
+                )
+            print(
+                f"{engine_name:7s} {name:30s} {seconds:7.3f} s  {tokens / seconds:9.0f} "
+                f"tokens/s  {step_ms:6.2f} ms/step  CPU {1000 * cpu / args.new_tokens:6.2f} "
+                f"ms/step{host}",
+                flush=True,
+            )
+
+
+def _time_rollout(model, prompts, cfg) -> tuple[float, float, float, float]:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    batch = generate_rollouts(model, _Tokenizer(), prompts, cfg)
+    assert batch.engine == cfg.engine, f"asked for engine={cfg.engine}, ran {batch.engine}"
+    return time.perf_counter() - start, time.process_time() - cpu_start, 0.0, 0.0
 
 
 if __name__ == "__main__":

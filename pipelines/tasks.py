@@ -45,6 +45,7 @@ def rollout_task(
     metrics = rollout.rollout_metrics(batch)
     metrics["rollout/tokens_per_s"] = batch.completion_mask.sum().item() / seconds
     metrics["rollout/seconds"] = seconds
+    metrics["rollout/engine_bytes"] = batch.engine_bytes
     tracker.log_metrics(metrics, step)
     return batch
 

@@ -15,6 +15,11 @@ histories), its filters (`apply_top_p`, `apply_min_p`, `apply_xtc` with a per-ro
 `apply_top_k`, in `make_sampler`'s order), then temperature. The per-token logprobs returned
 are those of the distribution actually sampled from, or (`logprobs_source="policy"`) those of
 the training forward pass at the same temperature, as TRL computes them.
+
+The model runs behind an engine (`make_engine`, `cfg.engine`): `MlxLmEngine` (mlx-lm's model
+on the batch caches above, the reference) or `fused_decode.FusedDecoder` (fused projection
+weights, a pre-allocated cache; the same tokens and logprobs). Both prefill, filter rows and
+decode one step; everything else here is the same for both.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from stages import fused_decode
 from stages.policy import hidden_and_head, policy_logprobs
 from stages.settings import check, one_of, setting
 
@@ -38,6 +44,7 @@ from mlx_lm.sample_utils import (
 )
 
 LOGPROBS_SOURCES = ("sampler", "policy")
+ENGINES = ("auto", "mlx_lm", "fused")
 PREFILL_STEP = 2048  # prompt tokens per prefill forward (bounds activation memory)
 
 
@@ -78,6 +85,12 @@ class RolloutConfig:
         "sampler: logprobs of the distribution sampled from; policy: recomputed by the "
         "training forward (logits / temperature, TRL)",
     )
+    engine: str = setting(
+        "auto",
+        "decode engine: fused (stages/fused_decode.py: fused projection weights, pre-allocated "
+        "cache; the same tokens and logprobs as mlx_lm), mlx_lm (mlx-lm's model and batch "
+        "caches), auto (fused where it supports the model and max_kv_size is 0, else mlx_lm)",
+    )
 
     def validate(self) -> None:
         check(self.group_size >= 1, "group_size", self.group_size, ">= 1")
@@ -99,6 +112,13 @@ class RolloutConfig:
         check(all(self.stop_strings), "stop_strings", self.stop_strings, "non-empty strings")
         check(self.max_kv_size >= 0, "max_kv_size", self.max_kv_size, ">= 0 (0 = unbounded)")
         one_of("logprobs_source", self.logprobs_source, LOGPROBS_SOURCES)
+        one_of("engine", self.engine, ENGINES)
+        check(
+            not (self.engine == "fused" and self.max_kv_size),
+            "engine",
+            self.engine,
+            "auto or mlx_lm when max_kv_size > 0 (the fused engine has no rotating cache)",
+        )
 
 
 def step_seed(run_seed: int, step: int, purpose: str = "train") -> int:
@@ -122,6 +142,8 @@ class RolloutBatch:
     group_size: int
     columns: dict[str, list] = field(default_factory=dict)  # dataset columns, one value per row
     temperature: float = 1.0  # the sampling temperature (0: greedy); the update divides by it
+    engine: str = ""  # the decode engine that generated it: mlx_lm | fused
+    engine_bytes: int = 0  # memory that engine added to the model's (fused weight copies)
 
     @property
     def num_rows(self) -> int:
@@ -356,6 +378,48 @@ def _prefill(model: nn.Module, tokens: mx.array, caches: list) -> mx.array:
     return out[:, -1, :] if backbone is None else head(out[:, -1, :])
 
 
+class MlxLmEngine:
+    """The rollout's engine seam on mlx-lm's own model and batch KV caches (the reference).
+
+    An engine runs the model for `generate_rollouts`:
+    prefill(tokens (P, L) int32 left-padded, padding [P], new_tokens) -> logits (P, V) of each
+    prompt's last position; filter(index (n,)) keeps (and repeats) rows; decode(tokens (n,))
+    -> logits (n, V) of the next position. `nbytes`: memory it adds to the model's (weights
+    copies), `name`: which engine. `fused_decode.FusedDecoder` is the other implementation.
+    """
+
+    name = "mlx_lm"
+    nbytes = 0
+
+    def __init__(self, model: nn.Module, max_kv_size: int):
+        self.model, self.max_kv_size = model, max_kv_size
+
+    def prefill(self, tokens: mx.array, padding: list[int], new_tokens: int) -> mx.array:
+        self.caches = _make_caches(self.model, padding, self.max_kv_size)
+        return _prefill(self.model, tokens, self.caches)
+
+    def filter(self, index: mx.array) -> None:
+        for cache in self.caches:
+            cache.filter(index)
+
+    def decode(self, tokens: mx.array) -> mx.array:
+        return self.model(tokens[:, None], cache=self.caches)[:, -1, :]
+
+
+def make_engine(model: nn.Module, cfg: RolloutConfig):
+    """The decode engine `cfg.engine` names; auto: fused where it supports the model."""
+    if cfg.engine == "mlx_lm":
+        return MlxLmEngine(model, cfg.max_kv_size)
+    reason = fused_decode.unsupported(model)
+    if reason is None and cfg.max_kv_size:
+        reason = f"max_kv_size={cfg.max_kv_size} (a rotating cache)"
+    if reason is None:
+        return fused_decode.FusedDecoder(model, prefill_step=PREFILL_STEP)
+    if cfg.engine == "fused":
+        raise ValueError(f"rollout engine=fused does not support {reason}; use auto or mlx_lm")
+    return MlxLmEngine(model, cfg.max_kv_size)
+
+
 class _StopStrings:
     """Per-row streaming detokenizers (mlx-lm's) that spot stop strings across tokens."""
 
@@ -427,11 +491,10 @@ def generate_rollouts(
     stops = _StopStrings(tokenizer, cfg.stop_strings, n_rows) if cfg.stop_strings else None
 
     tokens, padding = left_pad(prompts, pad_id)
-    caches = _make_caches(model, padding, cfg.max_kv_size)
-    logits = _prefill(model, tokens, caches)
+    engine = make_engine(model, cfg)
+    logits = engine.prefill(tokens, padding, steps)
     shared = mx.repeat(mx.arange(len(prompts)), group)
-    for cache in caches:
-        cache.filter(shared)  # row r of each prompt's KV -> rows r*group .. r*group+group-1
+    engine.filter(shared)  # row r of each prompt's KV -> rows r*group .. r*group+group-1
     logits = logits[shared]
     history = sampler.initial_history(row_prompts, logits.shape[-1])
     filled_after = max(0, sampler.context_size - int(prompt_lengths.min()))
@@ -460,7 +523,7 @@ def generate_rollouts(
     mx.async_eval(token, logprob)
     for step in range(steps):
         if step + 1 < steps:  # queue step + 1 before reading step: the device stays busy
-            logits = model(token[:, None], cache=caches)[:, -1, :]
+            logits = engine.decode(token)
             history = _append(history, token)
             next_token, next_logprob = sampler(
                 logits, history, row_keys(step + 1), filled=step + 1 >= filled_after
@@ -489,8 +552,7 @@ def generate_rollouts(
             # outputs and the caches after its update alike.
             keep = np.flatnonzero(running[active])
             keep_index = mx.array(keep)
-            for cache in caches:
-                cache.filter(keep_index)
+            engine.filter(keep_index)
             next_token, next_logprob = next_token[keep_index], next_logprob[keep_index]
             history = None if history is None else history[keep_index]
             active = active[keep]
@@ -514,6 +576,8 @@ def generate_rollouts(
         texts=texts,
         group_size=group,
         temperature=cfg.temperature,
+        engine=engine.name,
+        engine_bytes=engine.nbytes,
     )
     if cfg.logprobs_source == "policy":
         batch.logprobs = policy_logprobs(model, batch, cfg.temperature or 1.0)

@@ -68,6 +68,7 @@ def test_quickstart_end_to_end_logs_to_mlflow_and_checkpoints(tmp_path, monkeypa
         "learning_rate",
         "loss",
         "tokens/s",
+        "rollout/engine_bytes",
     ):
         assert metric in run.data.metrics, metric
     history = client.get_metric_history(run.info.run_id, "reward")

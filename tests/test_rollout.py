@@ -59,7 +59,7 @@ def test_unpadded_batch_samples_like_the_masked_cache(tiny, monkeypatch):
     mlx-lm's BatchKVCache with its explicit mask, also after finished rows are dropped."""
     model, tokenizer = tiny
     prompts = _encode(tokenizer, ["hello", "world", "1+2=3", "abcde"])
-    cfg = RolloutConfig(group_size=4, max_new_tokens=10, temperature=1.4)
+    cfg = RolloutConfig(group_size=4, max_new_tokens=10, temperature=1.4, engine="mlx_lm")
     made = []
     real = rollout._make_caches
 

@@ -1,0 +1,426 @@
+"""Fused decode engine: the rollout's forward for mlx-lm's qwen3, llama and qwen3_moe models
+with fewer operations per step and the same numbers.
+
+On a GPU the MLX backend is host-bound at rollout sizes (each operation costs host time to
+build and dispatch, each matmul more), so a decode step costs about what its operation count
+costs. This engine computes exactly what mlx-lm's model computes on its batch KV cache, with:
+
+- fused projections: Q|K|V as one matmul and gate|up as one (4 matmuls a block, not 7), for
+  nn.Linear and nn.QuantizedLinear layers alike (quantized weights, scales and biases are
+  concatenated along the outputs); each output column of a matmul is its own dot product, so
+  the split result equals the separate matmuls bit for bit (tests/test_fused_decode.py checks it
+  on real rollouts);
+- a KV cache allocated once for the whole rollout and written in place (no growth by
+  concatenation, no per-layer position arrays), with mlx-lm's `BatchKVCache` semantics: left
+  padding masked with the same boolean mask, `filter` keeping rows and dropping the padding
+  columns no kept row needs, as `BatchKVCache.filter` does;
+- optionally `mx.compile` on the one-token steps of a block (`COMPILE`), with the weights as
+  inputs, so a refresh or a new rollout reuses the traces.
+
+Everything else is mlx-lm's own code, called as modules: embeddings, RoPE, the MoE block, LoRA
+adapters (each adapter's update is added to its slice of the fused output as
+`LoRALinear.__call__` adds it) and the vocabulary head; the norms are `mx.fast.rms_norm` with the
+model's weights, as `nn.RMSNorm` calls it.
+
+The fused weights are copies: `refresh(model)` rebuilds them from the model's current weights
+(after an optimizer update) and `nbytes` is their size. Architectures or layers this engine does
+not know (other layer types, one input's projections quantized differently, sliding-window
+layers, pipeline-parallel models) are reported by `unsupported(model)`; the rollout then uses
+mlx-lm's own path.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.tuner.lora import LoRALinear
+
+ARCHITECTURES = ("qwen3", "llama", "qwen3_moe")  # modules of mlx_lm.models this engine runs
+# mx.compile the one-token steps of blocks without adapters or experts. None: on a GPU, where
+# a step is host-bound and a compiled half-block is one call instead of about a dozen
+# operations; not on CPU, where the step is compute-bound and compiling measured no gain.
+# True/False force it (benchmarks/rollout.py --fused-compile).
+COMPILE: bool | None = None
+
+
+def _architecture(model: nn.Module) -> str:
+    """The mlx_lm.models module that defines `model` (e.g. "qwen3"), or its class path."""
+    module, prefix = type(model).__module__, "mlx_lm.models."
+    if module.startswith(prefix):
+        return module[len(prefix) :]
+    return f"{module}.{type(model).__name__}"
+
+
+def _base(projection: nn.Module) -> nn.Module:
+    """The layer a projection computes: itself, or the base under a LoRA adapter."""
+    return projection.linear if isinstance(projection, LoRALinear) else projection
+
+
+def _quantization(layer: nn.Module) -> tuple | None:
+    """(group_size, bits, mode) of a QuantizedLinear; None for a plain Linear."""
+    if isinstance(layer, nn.QuantizedLinear):
+        return (layer.group_size, layer.bits, layer.mode)
+    return None
+
+
+def _group_problem(members: list[nn.Module]) -> str | None:
+    """Why these projections (read from one input) cannot be one matmul; None if they can."""
+    bases = [_base(m) for m in members]
+    other = sorted({type(b).__name__ for b in bases} - {"Linear", "QuantizedLinear"})
+    if other:
+        return f"{'/'.join(other)} projections"
+    if len({(type(b), _quantization(b), "bias" in b) for b in bases}) > 1:
+        kinds = sorted({f"{type(b).__name__}{_quantization(b) or ''}" for b in bases})
+        return f"projections of one input that differ in kind or bias ({', '.join(kinds)})"
+    return None
+
+
+def _groups(layer: nn.Module) -> dict[str, list[nn.Module]]:
+    """A block's projections by the input they read: name -> members, in output order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj]}
+    if hasattr(mlp, "gate_proj"):  # a mixture of experts stays mlx-lm's own block
+        groups |= {"gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+    return groups
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why `FusedDecoder` cannot run `model`, in words naming the architecture; None if it can."""
+    name = _architecture(model)
+    model_type = getattr(getattr(model, "args", None), "model_type", None) or name
+    if name not in ARCHITECTURES:
+        known = ", ".join(ARCHITECTURES)
+        return f"architecture {model_type!r} ({name}; the fused engine runs {known})"
+    backbone = model.model
+    if getattr(backbone, "pipeline_size", 1) > 1:
+        return f"architecture {model_type!r} split over a pipeline"
+    if any(getattr(layer, "use_sliding", False) for layer in model.layers):
+        return f"architecture {model_type!r} with sliding-window layers"
+    for layer in model.layers:
+        for members in _groups(layer).values():
+            problem = _group_problem(members)
+            if problem is not None:
+                return f"architecture {model_type!r} with {problem}"
+    return None
+
+
+def _fuse(members: list[nn.Module]) -> tuple[dict[str, mx.array], int]:
+    """The arrays of one matmul computing `members` (layers that read one input), and the bytes
+    that were copied to make them: {"weight", "bias"?} for Linear layers, where weight is W.T,
+    the transposed view of the (out, in) matrix (not a transposed copy, so the matmul is the
+    same BLAS call as nn.Linear's `x @ W.T`); {"weight", "scales", "biases"?, "bias"?} for
+    QuantizedLinear layers, concatenated along their outputs. One member: the model's own
+    arrays, no copy."""
+    bases = [_base(m) for m in members]
+    quantized = _quantization(bases[0]) is not None
+    arrays = {}
+    for name in ["weight", "scales", "biases", "bias"] if quantized else ["weight", "bias"]:
+        parts = [b[name] for b in bases if name in b]
+        if parts:
+            arrays[name] = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+    copied = sum(a.nbytes for a in arrays.values()) if len(bases) > 1 else 0
+    if not quantized:
+        arrays["weight"] = arrays["weight"].T
+    return arrays, copied
+
+
+class _BlockSpec:
+    """What a block computes besides its arrays: head counts, norms' eps, RoPE, and the layout
+    of each projection group (quantization, split points, which arrays it has).
+
+    `pre(h, offsets, weights) -> queries, keys, values` and `post(h, attention, weights) -> h`
+    read every array from `weights` (name -> array), so their compiled forms take the arrays as
+    inputs: a refresh, or another engine on a model of the same shape, reuses the traces. LoRA
+    adapters and a MoE block come in `modules` and are never compiled (a trace would freeze the
+    arrays those modules read).
+    """
+
+    def __init__(self, layer: nn.Module, layout: dict[str, tuple]):
+        attn = layer.self_attn
+        self.n_heads, self.n_kv_heads, self.scale = attn.n_heads, attn.n_kv_heads, attn.scale
+        self.head_dim = _base(attn.q_proj).weight.shape[0] // attn.n_heads
+        self.rope, self.layout = attn.rope, layout
+        norms = {"input_norm": layer.input_layernorm, "post_norm": layer.post_attention_layernorm}
+        if hasattr(attn, "q_norm"):
+            norms |= {"q_norm": attn.q_norm, "k_norm": attn.k_norm}
+        self.eps = {name: norm.eps for name, norm in norms.items()}
+        self.compiled_pre = mx.compile(self.pre)
+        self.compiled_post = mx.compile(self.post)
+
+    @staticmethod
+    def key(layer: nn.Module, layout: dict[str, tuple]) -> tuple:
+        """Blocks with equal keys compute the same function of their arrays."""
+        attn, rope = layer.self_attn, layer.self_attn.rope
+        if type(rope) is nn.RoPE:
+            rope_key = ("RoPE", rope.dims, rope.traditional, rope.base, rope.scale)
+        else:  # other RoPEs hold arrays (frequencies) that a trace freezes: one per object
+            rope_key = (type(rope).__name__, id(rope))
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        if hasattr(attn, "q_norm"):
+            norms += [attn.q_norm, attn.k_norm]
+        return (
+            attn.n_heads,
+            attn.n_kv_heads,
+            attn.scale,
+            tuple(sorted(layout.items())),
+            tuple(norm.eps for norm in norms),
+            rope_key,
+        )
+
+    def _linear(self, name: str, x: mx.array, weights: dict, modules: dict) -> list[mx.array]:
+        """The group `name` on x (..., in): one matmul as nn.Linear or nn.QuantizedLinear computes
+        it, split, each adapter's update added to its slice as LoRALinear adds it."""
+        quantization, splits, arrays = self.layout[name]
+        weight, bias = weights[name + ".weight"], weights.get(name + ".bias")
+        if quantization is None:
+            y = x @ weight if bias is None else mx.addmm(bias, x, weight)
+        else:
+            group_size, bits, mode = quantization
+            y = mx.quantized_matmul(
+                x,
+                weight,
+                scales=weights[name + ".scales"],
+                biases=weights.get(name + ".biases"),
+                transpose=True,
+                group_size=group_size,
+                bits=bits,
+                mode=mode,
+            )
+            y = y if bias is None else y + bias
+        parts = mx.split(y, list(splits), axis=-1) if splits else [y]
+        for i, lora in enumerate(modules.get(name, ())):
+            if lora is not None:
+                z = (lora.dropout(x) @ lora.lora_a) @ lora.lora_b
+                parts[i] = parts[i] + (lora.scale * z).astype(x.dtype)
+        return parts
+
+    def _norm(self, name: str, x: mx.array, weights: dict) -> mx.array:
+        return mx.fast.rms_norm(x, weights[name], self.eps[name])
+
+    def pre(
+        self, h: mx.array, offsets: mx.array, weights: dict, modules: dict | None = None
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries (B, H, L, hd), keys and values (B, Hkv, L, hd) of h (B, L, D), RoPE at
+        `offsets` (B,)."""
+        B, L, _ = h.shape
+        x = self._norm("input_norm", h, weights)
+        queries, keys, values = self._linear("qkv", x, weights, modules or {})
+        queries = queries.reshape(B, L, self.n_heads, -1)
+        keys = keys.reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self.eps:
+            queries = self._norm("q_norm", queries, weights)
+            keys = self._norm("k_norm", keys, weights)
+        queries = self.rope(queries.transpose(0, 2, 1, 3), offset=offsets)
+        keys = self.rope(keys.transpose(0, 2, 1, 3), offset=offsets)
+        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return queries, keys, values
+
+    def post(
+        self, h: mx.array, attention: mx.array, weights: dict, modules: dict | None = None
+    ) -> mx.array:
+        """The rest of the block: h (B, L, D), attention output (B, H, L, hd) -> (B, L, D)."""
+        B, L, _ = h.shape
+        modules = modules or {}
+        attention = attention.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        h = h + self._linear("o", attention, weights, modules)[0]
+        x = self._norm("post_norm", h, weights)
+        if "moe" in modules:
+            return h + modules["moe"](x)
+        gate, up = self._linear("gate_up", x, weights, modules)
+        return h + self._linear("down", swiglu(gate, up), weights, modules)[0]
+
+
+# Shared by every engine, and their compiled traces with them (each engine is built per rollout).
+_SPECS: dict[tuple, _BlockSpec] = {}
+
+
+class _Block:
+    """One transformer block: its arrays (`weights`, name -> array: fused copies and the model's
+    own), the mlx-lm modules it still calls (`modules`: LoRA adapters per group, the MoE block)
+    and its `spec`."""
+
+    def __init__(self, layer: nn.Module):
+        attn = layer.self_attn
+        groups = _groups(layer)
+        self.modules: dict = {} if "gate_up" in groups else {"moe": layer.mlp}
+        self.weights: dict[str, mx.array] = {}
+        self.fused_nbytes = 0
+        layout = {}
+        for name, members in groups.items():
+            arrays, copied = _fuse(members)
+            self.weights |= {f"{name}.{array}": value for array, value in arrays.items()}
+            self.fused_nbytes += copied
+            sizes = [_base(m).weight.shape[0] for m in members]
+            splits = tuple(np.cumsum(sizes)[:-1].tolist())
+            layout[name] = (_quantization(_base(members[0])), splits, tuple(sorted(arrays)))
+            adapters = [m if isinstance(m, LoRALinear) else None for m in members]
+            if any(a is not None for a in adapters):
+                self.modules[name] = adapters
+        self.weights["input_norm"] = layer.input_layernorm.weight
+        self.weights["post_norm"] = layer.post_attention_layernorm.weight
+        if hasattr(attn, "q_norm"):
+            self.weights["q_norm"], self.weights["k_norm"] = attn.q_norm.weight, attn.k_norm.weight
+        key = _BlockSpec.key(layer, layout)
+        if key not in _SPECS:
+            _SPECS[key] = _BlockSpec(layer, layout)
+        self.spec = _SPECS[key]
+
+    def pre(self, h: mx.array, offsets: mx.array, compiled: bool):
+        if compiled and not self.modules:
+            return self.spec.compiled_pre(h, offsets, self.weights)
+        return self.spec.pre(h, offsets, self.weights, self.modules)
+
+    def post(self, h: mx.array, attention: mx.array, compiled: bool) -> mx.array:
+        if compiled and not self.modules:
+            return self.spec.compiled_post(h, attention, self.weights)
+        return self.spec.post(h, attention, self.weights, self.modules)
+
+
+class FusedDecoder:
+    """The rollout engine of fused weights and a pre-allocated batch KV cache.
+
+    prefill(tokens (P, L) int32 left-padded, padding [P], new_tokens) -> logits (P, V) of each
+    prompt's last position; filter(index (n,)) keeps (and repeats) rows of the cache;
+    decode(tokens (n,)) -> logits (n, V) of the next position, writing its keys and values.
+
+    Equal to mlx-lm's model on `BatchKVCache` (padded batch: the same boolean mask) or on a
+    batch cache with no mask (unpadded batch: `None` for one token, "causal" for a chunk), as
+    the rollout builds them: same prefill chunks, same RoPE offsets, same attended columns.
+    """
+
+    name = "fused"
+
+    def __init__(self, model: nn.Module, prefill_step: int = 2048, compiled: bool | None = None):
+        reason = unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the fused decode engine does not support {reason}")
+        self.prefill_step = prefill_step
+        if compiled is None:
+            compiled = COMPILE if COMPILE is not None else mx.default_device() != mx.cpu
+        self.compiled = compiled
+        self.refresh(model)
+        self.keys: list[mx.array] = []
+        self.values: list[mx.array] = []
+
+    def refresh(self, model: nn.Module) -> None:
+        """Rebuild the fused weights from `model`'s current weights (after an update)."""
+        self.blocks = [_Block(layer) for layer in model.layers]
+        backbone = model.model
+        self.embed = backbone.embed_tokens
+        self.norm = (backbone.norm.weight, backbone.norm.eps)
+        tied = getattr(model.args, "tie_word_embeddings", False)
+        self.head = backbone.embed_tokens.as_linear if tied else model.lm_head
+        mx.eval([block.weights for block in self.blocks])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the fused weight copies (the memory this engine adds to the model's)."""
+        return sum(block.fused_nbytes for block in self.blocks)
+
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of the KV cache (allocated for the whole rollout at prefill)."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values) if k is not None)
+
+    # -- cache -------------------------------------------------------------------------------
+
+    def _reset(self, padding: list[int], capacity: int) -> None:
+        # Allocated at the first write, in the dtype of the keys and values written.
+        self.keys = [None] * len(self.blocks)
+        self.values = [None] * len(self.blocks)
+        self.capacity = capacity
+        self.left_padding = np.array(padding, dtype=np.int64)
+        self.padded = bool(self.left_padding.any())
+        self.start = 0  # first column any row attends to (BatchKVCache trims the others)
+        self.end = 0  # columns written
+        self._update_rows()
+
+    def _update_rows(self) -> None:
+        """Per-row arrays that change only when the rows do: RoPE offsets and the mask."""
+        padding = mx.array(self.left_padding.astype(np.int32))
+        self.offsets = self.end - padding  # (n,) int32, BatchKVCache.offset
+        # BatchKVCache's decode mask is `left_padding <= column`; kept for every column, one
+        # slice a step replaces building it per step.
+        columns = mx.arange(self.capacity)
+        self.row_mask = padding[:, None, None, None] <= columns if self.padded else None
+
+    def filter(self, index: mx.array) -> None:
+        """Keep rows `index` (n,) of the cache, in that order (BatchKVCache.filter)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+        self.left_padding = self.left_padding[np.array(index)]
+        trim = int(self.left_padding.min()) - self.start
+        if trim > 0:  # no kept row attends to these columns any more
+            self.start += trim
+        self._update_rows()
+
+    def _grow(self, length: int) -> None:
+        if self.end + length <= self.capacity:
+            return
+        extra = [(0, 0), (0, 0), (0, self.end + length - self.capacity), (0, 0)]
+        self.keys = [mx.pad(k, extra) for k in self.keys]
+        self.values = [mx.pad(v, extra) for v in self.values]
+        self.capacity = self.end + length
+        self._update_rows()
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _attend(self, i: int, queries: mx.array, keys: mx.array, values: mx.array, mask):
+        """Write block i's new keys and values (B, Hkv, L, hd) at the end of its cache and attend
+        over the columns the rows use; (B, H, L, hd)."""
+        end = self.end + keys.shape[2]
+        if self.keys[i] is None:
+            shape = (keys.shape[0], keys.shape[1], self.capacity, keys.shape[3])
+            self.keys[i] = mx.zeros(shape, dtype=keys.dtype)
+            self.values[i] = mx.zeros(shape[:3] + values.shape[3:], dtype=values.dtype)
+        self.keys[i][..., self.end : end, :] = keys
+        self.values[i][..., self.end : end, :] = values
+        return mx.fast.scaled_dot_product_attention(
+            queries,
+            self.keys[i][..., self.start : end, :],
+            self.values[i][..., self.start : end, :],
+            scale=self.blocks[i].spec.scale,
+            mask=mask,
+        )
+
+    def _forward(self, tokens: mx.array) -> mx.array:
+        """Hidden states after the final norm: (B, L) -> (B, L, D); advances the cache."""
+        L = tokens.shape[1]
+        self._grow(L)
+        if not self.padded:
+            mask = None if L == 1 else "causal"
+        elif L == 1:
+            mask = self.row_mask[..., self.start : self.end + 1]
+        else:
+            mask = create_causal_mask(
+                L,
+                offset=self.end - self.start,
+                left_padding=mx.array((self.left_padding - self.start).astype(np.int32)),
+            )
+        # Compiled only for one-token steps: their shapes repeat, a prefill chunk's do not.
+        compiled = self.compiled and L == 1
+        h = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            queries, keys, values = block.pre(h, self.offsets, compiled)
+            h = block.post(h, self._attend(i, queries, keys, values, mask), compiled)
+        self.end += L
+        self.offsets = self.offsets + L
+        return mx.fast.rms_norm(h, *self.norm)
+
+    def prefill(self, tokens: mx.array, padding: list[int], new_tokens: int) -> mx.array:
+        """Run the left-padded prompts (P, L) into a fresh cache with room for `new_tokens`
+        more positions; returns the last position's logits (P, V)."""
+        P, L = tokens.shape
+        self._reset(padding, L + new_tokens)
+        for start in range(0, L, self.prefill_step):
+            hidden = self._forward(tokens[:, start : start + self.prefill_step])
+            if start + self.prefill_step < L:
+                mx.eval(self.keys, self.values)
+        return self.head(hidden[:, -1, :])
+
+    def decode(self, tokens: mx.array) -> mx.array:
+        """One step: tokens (n,) -> logits (n, V) of the next position."""
+        return self.head(self._forward(tokens[:, None]))[:, -1, :]
