@@ -78,6 +78,11 @@ class RolloutConfig:
         "sampler: logprobs of the distribution sampled from; policy: recomputed by the "
         "training forward (logits / temperature, TRL)",
     )
+    fast_kernels: bool = setting(
+        False,
+        "CUDA only: generate with the fused decode engine, which may round differently from "
+        "the trainer (train.vllm_importance_sampling_correction corrects for it)",
+    )
 
     def validate(self) -> None:
         check(self.group_size >= 1, "group_size", self.group_size, ">= 1")
@@ -99,6 +104,12 @@ class RolloutConfig:
         check(all(self.stop_strings), "stop_strings", self.stop_strings, "non-empty strings")
         check(self.max_kv_size >= 0, "max_kv_size", self.max_kv_size, ">= 0 (0 = unbounded)")
         one_of("logprobs_source", self.logprobs_source, LOGPROBS_SOURCES)
+        check(
+            not self.fast_kernels or mx.cuda.is_available(),
+            "fast_kernels",
+            self.fast_kernels,
+            "false on this machine (the fused decode kernels need MLX's CUDA backend)",
+        )
 
 
 def step_seed(run_seed: int, step: int, purpose: str = "train") -> int:
@@ -406,6 +417,9 @@ def generate_rollouts(
     row i draws with key i of the global batch, as one process would.
     """
     cfg.validate()
+    # The seam of rollout.fast_kernels (CUDA): the fused decode engine takes over here and
+    # returns the same RolloutBatch, with its own sampler's log-probs. Until it lands this
+    # path runs; the update's importance-sampling correction is on for it all the same.
     check(row_offset >= 0, "row_offset", row_offset, ">= 0")
     check(total_rows >= 0, "total_rows", total_rows, ">= 0 (0 = this batch)")
     check_prompts(model, prompts)
