@@ -122,6 +122,27 @@ def test_unscorable_rows_are_left_out_of_the_group_baseline():
     )
 
 
+def test_informative_groups_are_those_whose_rewards_differ():
+    from stages.advantages import informative_groups
+
+    scores = mx.array(
+        [
+            [1.0, 0.0], [1.0, 0.0],  # equal totals: no gradient
+            [1.0, 0.0], [0.0, 0.0],  # differ
+            [1.0, np.nan], [np.nan, 1.0],  # weighted totals 1 and 2: differ
+            [np.nan, np.nan], [1.0, 0.0],  # one scored row only
+            [0.0, 2.0], [1.0, 0.0],  # 1*0 + 0.5*2 = 1 = 1*1: equal under the weights
+        ]
+    )  # fmt: skip
+    got = informative_groups(scores, [1.0, 2.0], 2)
+    assert got.tolist() == [False, True, True, False, True]
+    got = informative_groups(scores, [1.0, 0.5], 2)
+    assert got.tolist() == [False, True, True, False, False]
+    # the same groups group_advantages gives a zero advantage
+    advantages = np.array(group_advantages(scores, [1.0, 0.5], 2)[0]).reshape(-1, 2)
+    assert (np.abs(advantages).max(axis=1) > 0).tolist() == got.tolist()
+
+
 def test_reward_weights_scale_each_function():
     scores = mx.array([[1.0, 0.0], [0.0, 1.0]])
     # weight 3 on the first function: totals 3 and 1 -> advantages +1, -1 before scaling
