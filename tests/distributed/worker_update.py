@@ -17,6 +17,7 @@ from stages.load_weights import load
 from stages.losses import LOSS_TYPES
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -58,9 +59,7 @@ local_advantages = advantages[mine.start * GROUP : mine.stop * GROUP]
 
 CASES = {name: dict(loss_type=name) for name in LOSS_TYPES}
 CASES["dapo-entropy"] = dict(loss_type="dapo", top_entropy_quantile=0.3)
-CASES["grpo-sampler-correction"] = dict(
-    loss_type="grpo", num_iterations=2, vllm_importance_sampling_correction=True
-)
+CASES["grpo-sampler-correction"] = dict(loss_type="grpo", vllm_importance_sampling_correction=True)
 for case, settings in CASES.items():
     cfg = grpo_update.TrainConfig(max_grad_norm=0.5, **settings)
     one_process = cfg
@@ -75,6 +74,11 @@ for case, settings in CASES.items():
     ):
         net = fresh()
         optimizer = grpo_update.make_optimizer(1e-2)
+        if c.vllm_importance_sampling_correction:
+            # the ratio carries the float noise of each rank's own old log-probs (1e-7), which
+            # Adam's first step, lr * g / |g|, blows up on weights whose gradient is ~0: SGD
+            # shows the gradient itself
+            optimizer = optim.SGD(learning_rate=1e-1)
         metrics = grpo_update.update_step(net, optimizer, batch, adv, c, world=w)
         results.append((dict(tree_flatten(net.parameters())), metrics))
     (one, one_metrics), (par, par_metrics) = results
