@@ -4,8 +4,9 @@
     python -m pipelines.grpo --cfg [overrides ...]      # print the composed config and exit
 
 Compose the config (Hydra), check inputs, then one Prefect flow: load weights, and per step
-rollout -> rewards -> advantages -> GRPO update (entropy inside it), checkpoint every N steps.
-Every stage logs to one MLflow run.
+rollout -> rewards (with train.dynamic_sampling: more rounds of fresh prompts until enough groups
+have rewards that differ) -> advantages -> GRPO update (entropy inside it), checkpoint every N
+steps. Every stage logs to one MLflow run.
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ def metric_count(name: str, mask: mx.array, importance_sampling_level: str) -> f
     per_sequence = name == "vespo/phi_seq_mean" or (
         importance_sampling_level == "sequence" and name.startswith(("clip_ratio/", "cispo_"))
     )
-    return float(mask.shape[0]) if per_sequence else max(mask.sum().item(), 1.0)
+    return float(mask.shape[0]) if per_sequence else float(mask.sum().item())
 
 
 def grpo_loss(
