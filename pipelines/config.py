@@ -149,6 +149,22 @@ def _check_across_sections(cfg: GRPOConfig) -> None:
         f"a divisor of the {rows} rows of a generation batch "
         "(train.prompts_per_step * rollout.group_size)",
     )
+    correction = t.with_sampler_correction(r.fast_kernels).vllm_importance_sampling_correction
+    check(
+        not correction or r.logprobs_source == "sampler",
+        "train.vllm_importance_sampling_correction",
+        t.vllm_importance_sampling_correction,
+        "false or null with rollout.logprobs_source=policy (the correction needs the "
+        "sampler's own log-probs)",
+    )
+    check(
+        not correction
+        or t.loss_type != "vespo"
+        or t.vllm_importance_sampling_mode.startswith("token"),
+        "train.vllm_importance_sampling_mode",
+        t.vllm_importance_sampling_mode,
+        "token_truncate | token_mask with loss_type=vespo (TRL)",
+    )
     funcs = cfg.reward.funcs
     check(
         cfg.eval.accuracy_reward is None or cfg.eval.accuracy_reward in funcs,

@@ -4,8 +4,9 @@
     python -m pipelines.grpo --cfg [overrides ...]      # print the composed config and exit
 
 Compose the config (Hydra), check inputs, then one Prefect flow: load weights, and per step
-rollout -> rewards -> advantages -> GRPO update (entropy inside it), checkpoint every N steps.
-Every stage logs to one MLflow run.
+rollout -> rewards (with train.dynamic_sampling: more rounds of fresh prompts until enough groups
+have rewards that differ) -> advantages -> GRPO update (entropy inside it), checkpoint every N
+steps. Every stage logs to one MLflow run.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from stages import checkpoint, data, distributed, grpo_update, lora, rewards
+from stages import checkpoint, data, distributed, grpo_update, lora, rewards, rollout
+from stages.advantages import informative_groups
 from stages.backend import blas
 from stages.rollout import step_seed
 
+import mlx.core as mx
+import numpy as np
 from omegaconf import OmegaConf
 from prefect import flow
 
@@ -49,7 +53,8 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
     world = world or distributed.World()
     run_tasks = tasks if world.is_main else data_parallel.plain_tasks(tasks)
     cfg = to_schema(OmegaConf.create(config))
-    t, group = cfg.train, cfg.rollout.group_size
+    t = cfg.train.with_sampler_correction(cfg.rollout.fast_kernels)
+    group = cfg.rollout.group_size
     output_dir = Path(cfg.run.output_dir)
     ckpt_root = output_dir / "checkpoints"
     resume_from = resume_point(cfg, set_aside=world.is_main)
@@ -132,11 +137,9 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             )
             return done
 
-        guard.install()
-        for step in range(start_step, t.steps):
-            guard.begin_step(step, model, optimizer, stream)
-            step_start = time.perf_counter()
-            seed = step_seed(cfg.run.seed, step)
+        def generate(step: int, round_index: int = 0):
+            """One generation round: this rank's share of fresh prompts, rolled out and scored.
+            Returns (this rank's batch, its scores, every rank's scores)."""
             mine = distributed.shard(t.prompts_per_step, world)  # every rank reads them all
             batch_rows = stream.next_batch(t.prompts_per_step)[mine]
             prompts = encode_prompts(tokenizer, batch_rows, cfg)
@@ -147,14 +150,90 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
                 cfg.rollout,
                 tracker,
                 step,
-                seed=seed,
+                seed=step_seed(cfg.run.seed, step, round_index=round_index),
                 row_offset=mine.start * group,
                 total_rows=t.prompts_per_step * group,
             )
             batch.with_columns(batch_rows)
             scores = run_tasks.rewards_task(batch, funcs, cfg.reward, tracker, step)
-            all_scores = distributed.all_gather(scores, world)  # advantages of the global batch
-            advantages = run_tasks.advantages_task(
+            return batch, scores, distributed.all_gather(scores, world)
+
+        parts = t.steps_per_generation
+
+        def dynamic_sampling(step: int, batch, all_scores):
+            """DAPO's dynamic sampling: keep the groups whose rewards differ (decided on every
+            rank's scores, so every rank keeps the same ones) and generate rounds of fresh
+            prompts until there are prompts_per_step of them or the rounds run out. Returns
+            (this rank's share of the kept groups, their scores, the kept groups' scores of
+            every rank, the scores of everything generated)."""
+            first_batch, kept, generated, rounds = batch, [], [all_scores], 1
+            while True:
+                informative = informative_groups(all_scores, funcs.weights, group)
+                starts = [int(g) * group for g in np.flatnonzero(informative)]
+                rows = [start + i for start in starts for i in range(group)]
+                if rows:
+                    kept.append((rollout.select_rows(rollout.all_gather_batch(batch, world), rows),
+                                 all_scores[mx.array(rows)]))  # fmt: skip
+                n_kept = sum(len(b.prompt_ids) for b, _ in kept) // group
+                if n_kept >= t.prompts_per_step or rounds > t.max_resample_rounds:
+                    break
+                batch, _, all_scores = generate(step, rounds)
+                generated.append(all_scores)
+                rounds += 1
+            every = mx.concatenate(generated)
+            # an equal share per rank that steps_per_generation splits
+            groups = min(n_kept, t.prompts_per_step)
+            while groups and (groups % world.size or groups // world.size * group % parts):
+                groups -= 1
+            zero_std = ~informative_groups(every, funcs.weights, group)
+            tracker.log_metrics(
+                {
+                    **rewards.reward_metrics(every, funcs.names, funcs.weights),
+                    "dynamic_sampling/rounds": float(rounds),
+                    "dynamic_sampling/dropped_groups": float(zero_std.sum()),
+                    "dynamic_sampling/kept_groups": float(groups),
+                    "dynamic_sampling/frac_reward_zero_std_before": float(zero_std.mean()),
+                },
+                step,
+            )
+            if groups < t.prompts_per_step and world.is_main:
+                trained = f"{groups} groups" if groups else "the first round as it is"
+                print(
+                    f"warning: step {step}: dynamic sampling found {n_kept} informative groups "
+                    f"of {t.prompts_per_step} in {rounds} rounds; training on {trained}",
+                    file=sys.stderr,
+                )
+            if groups == 0:  # nothing informative: the first round, as without the filter
+                first = generated[0]
+                mine = slice(
+                    world.rank * len(first) // world.size,
+                    (world.rank + 1) * len(first) // world.size,
+                )
+                return first_batch, first[mine], first, every
+            kept_batch = rollout.concatenate([b for b, _ in kept])
+            kept_scores = mx.concatenate([s for _, s in kept])[: groups * group]
+            share = groups * group // world.size
+            mine = list(range(world.rank * share, (world.rank + 1) * share))
+            return (
+                rollout.select_rows(kept_batch, mine),
+                kept_scores[mx.array(mine)],
+                kept_scores,
+                every,
+            )
+
+        guard.install()
+        for step in range(start_step, t.steps):
+            guard.begin_step(step, model, optimizer, stream)
+            step_start = time.perf_counter()
+            seed = step_seed(cfg.run.seed, step)
+            batch, scores, all_scores = generate(step)
+            generated_scores = all_scores
+            if t.dynamic_sampling:
+                batch, scores, all_scores, generated_scores = dynamic_sampling(
+                    step, batch, all_scores
+                )
+            mine = distributed.shard(len(all_scores) // group, world)
+            advantages = run_tasks.advantages_task(  # of the global batch
                 all_scores, funcs.weights, group, t, tracker, step
             )[mine.start * group : mine.stop * group]
             metrics = run_tasks.update_task(
@@ -166,7 +245,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             tokens = sum(map(len, batch.prompt_ids)) + batch.completion_mask.sum().item()
             tracker.log_metrics({"tokens/s": tokens / seconds, "step_seconds": seconds}, step)
             tracker.end_step()  # the step's metrics from every stage, in one MLflow write
-            mean_reward = rewards.combine(all_scores, funcs.weights).mean().item()
+            mean_reward = rewards.combine(generated_scores, funcs.weights).mean().item()
             history.append({"step": step, "reward": mean_reward, "loss": metrics["loss"]})
             every = cfg.mlflow.log_completions_every
             if every and step % every == 0:

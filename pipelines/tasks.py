@@ -58,10 +58,12 @@ def rewards_task(
     tracker: Tracker,
     step: int,
 ) -> mx.array:
+    logged: dict[str, float] = {}
     scores, failures = rewards.run_rewards(
-        batch, funcs.funcs, funcs.names, timeout=cfg.timeout, on_error=cfg.on_error
+        batch, funcs.funcs, funcs.names, timeout=cfg.timeout, on_error=cfg.on_error, metrics=logged
     )
     metrics = rewards.reward_metrics(scores, funcs.names, funcs.weights)
+    metrics.update(logged)
     metrics.update(_report_failures(failures, funcs.names, f"step {step}"))
     tracker.log_metrics(metrics, step)
     return scores

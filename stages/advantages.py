@@ -114,3 +114,22 @@ def compute_advantages(rewards: mx.array, group_size: int, scale: str) -> mx.arr
     NaN rewards (unscorable rows) get advantage 0 and are left out of the statistics.
     """
     return group_advantages(rewards.reshape(-1, 1), [1.0], group_size, scale)[0]
+
+
+def informative_groups(scores: mx.array, weights, group_size: int) -> np.ndarray:
+    """DAPO's dynamic-sampling filter: (G,) bool, True for the groups whose weighted total
+    rewards (NaN-aware, as the advantages sum them) are not all equal, i.e. that carry a
+    gradient. A group with fewer than two scored rows is not informative."""
+    matrix = np.array(scores, dtype=np.float64)
+    if matrix.ndim == 1:
+        matrix = matrix[:, None]
+    weight_row = np.asarray(weights, dtype=np.float64).reshape(1, -1)
+    unscorable = np.isnan(matrix).all(axis=1)
+    total = np.where(np.isnan(matrix), 0.0, matrix * weight_row).sum(axis=1)
+    total[unscorable] = np.nan
+    grouped = total.reshape(-1, group_size)
+    missing = np.isnan(grouped)
+    spread = np.where(missing, -np.inf, grouped).max(axis=1) - np.where(
+        missing, np.inf, grouped
+    ).min(axis=1)
+    return ((~missing).sum(axis=1) >= 2) & (spread > 0)

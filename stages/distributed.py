@@ -95,9 +95,18 @@ def all_sum(x: mx.array, world: World) -> mx.array:
     return x if world.size == 1 else mx.distributed.all_sum(x, group=world.group)
 
 
+def all_extreme(x: mx.array, world: World, *, largest: bool) -> mx.array:
+    """Elementwise max (largest) or min of `x` over ranks."""
+    if world.size == 1:
+        return x
+    reduce = mx.distributed.all_max if largest else mx.distributed.all_min
+    return reduce(x, group=world.group)
+
+
 def reduce_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
-    """Average metrics over ranks; names ending in `_min`/`_max` (or /min_, /max_) take the
-    min/max, so TRL-style extremes stay extremes. Every rank must pass the same names."""
+    """Average metrics over ranks; names whose last part is `min`/`max`, ends in `_min`/`_max` or
+    starts with `min_`/`max_` take the min/max, so TRL-style extremes stay extremes. Every rank
+    must pass the same names."""
     if world.size == 1 or not metrics:
         return dict(metrics)
     names = sorted(metrics)
@@ -109,9 +118,9 @@ def reduce_metrics(metrics: dict[str, float], world: World) -> dict[str, float]:
     out = {}
     for i, name in enumerate(names):
         leaf = name.rsplit("/", 1)[-1]
-        if leaf.endswith("_min") or leaf.startswith("min_"):
+        if leaf == "min" or leaf.endswith("_min") or leaf.startswith("min_"):
             out[name] = low[i].item()
-        elif leaf.endswith("_max") or leaf.startswith("max_"):
+        elif leaf == "max" or leaf.endswith("_max") or leaf.startswith("max_"):
             out[name] = high[i].item()
         else:
             out[name] = mean[i].item()

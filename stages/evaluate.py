@@ -92,7 +92,7 @@ def evaluate(
         temperature=0.0 if greedy else rollout_cfg.temperature,
     )
     score_parts, lengths, stopped, prompt_texts, texts = [], [], [], [], []
-    failures = []
+    failures, logged = [], {}
     for start in range(0, len(prompts), cfg.batch_size):
         batch = generate_rollouts(
             model,
@@ -102,9 +102,12 @@ def evaluate(
             seed=seed + start,
         )
         batch.with_columns(rows[start : start + cfg.batch_size])
+        logged_here: dict[str, float] = {}
         scores, found = rewards.run_rewards(
-            batch, reward_funcs, names, timeout=timeout, on_error=on_error
+            batch, reward_funcs, names, timeout=timeout, on_error=on_error, metrics=logged_here
         )
+        for key, value in logged_here.items():
+            logged.setdefault(key, []).append(value)
         failures.extend(found)
         score_parts.append(np.array(scores, dtype=np.float64))
         lengths.append(np.array(batch.completion_mask.sum(axis=1)))
@@ -140,6 +143,9 @@ def evaluate(
     metrics["eval/completions/clipped_ratio"] = float(1.0 - stopped_mask.mean())
     if failures:
         metrics["eval/reward_failures"] = float(len(failures))
+    # what the reward functions logged through log_metric (e.g. math_answer's parse failures),
+    # averaged over the generate calls as TRL averages over calls
+    metrics.update({f"eval/{key}": float(np.mean(values)) for key, values in logged.items()})
 
     shown = min(cfg.table_rows, len(texts))
     table = {

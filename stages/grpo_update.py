@@ -1,20 +1,31 @@
 """The GRPO update: the optimizer loop over one generation batch (TRL's GRPOTrainer semantics).
 
 Each generation batch is shuffled and split into `steps_per_generation` optimizer steps, repeated
-`num_iterations` times; each step's gradient is accumulated over micro-batches so that it equals
-the whole step batch's for every loss type (stages/losses.py), then clipped, averaged over
-processes (data parallel) and applied with AdamW. The forward pass is stages/policy.py's; the
+`num_iterations` times; each step's gradient is accumulated over micro-batches weighted as TRL
+weighs them (the whole step batch's gradient for every loss type but bnpo, whose micro-batches are
+token means of their own; stages/losses.py), then clipped, averaged over processes (data
+parallel) and applied with AdamW. The forward pass is stages/policy.py's; the
 advantages come from stages/advantages.py.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from stages import distributed, grad_checkpoint, lora
 from stages.advantages import AGGREGATIONS, SCALE_REWARDS
 from stages.entropy import high_entropy_mask
-from stages.losses import IS_LEVELS, LOSS_TYPES, find_loss_type, grpo_loss
+from stages.losses import (
+    EXTREME_METRICS,
+    IS_LEVELS,
+    LOSS_TYPES,
+    SAMPLER_IS_MODES,
+    find_loss_type,
+    grpo_loss,
+    metric_count,
+    sampler_importance_ratio,
+)
 from stages.policy import PackedBatch, StagedEval, completion_logprobs, pack, take_rows
 from stages.settings import check, one_of, setting
 
@@ -42,11 +53,19 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "clip by global norm; 0 disables")
     micro_batch_size: int = setting(0, "rows per forward/backward (gradient accumulation); 0 = all")
     loss_type: str = setting(
-        "dapo", "grpo | bnpo | dr_grpo | dapo (TRL's normalisations; stages/losses.py)"
+        "dapo",
+        "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo (TRL's; stages/losses.py)",
     )
-    epsilon_low: float = setting(0.2, "ratio clipped below at 1 - epsilon_low")
-    epsilon_high: float = setting(0.28, "ratio clipped above at 1 + epsilon_high")
+    epsilon_low: float = setting(0.2, "ratio clipped below at 1 - epsilon_low (TRL's epsilon)")
+    epsilon_high: float | None = setting(
+        None,
+        "ratio clipped above at 1 + epsilon_high; null: epsilon_low (TRL); cispo: the absolute "
+        "cap on the ratio (TRL recommends 5.0)",
+    )
     beta: float = setting(0.0, "KL coefficient to the frozen reference model (k3 estimator)")
+    use_bias_correction_kl: bool = setting(
+        True, "multiply the k3 KL by the importance ratio (TRL; unbiased reverse-KL gradient)"
+    )
     num_iterations: int = setting(1, "mu: passes over each generation batch (TRL's num_iterations)")
     steps_per_generation: int = setting(
         1,
@@ -65,11 +84,42 @@ class TrainConfig:
     delta: float | None = setting(
         None, "two-sided clipping: cap the unclipped ratio at delta (> 1); null: off"
     )
+    sapo_temperature_pos: float = setting(1.0, "sapo: gate temperature where the advantage > 0")
+    sapo_temperature_neg: float = setting(1.05, "sapo: gate temperature where the advantage <= 0")
+    vespo_k_pos: float = setting(2.0, "vespo: power k of the gamma weight where advantage >= 0")
+    vespo_lambda_pos: float = setting(3.0, "vespo: decay lambda of the gamma weight there")
+    vespo_k_neg: float = setting(3.0, "vespo: power k of the gamma weight where advantage < 0")
+    vespo_lambda_neg: float = setting(2.0, "vespo: decay lambda of the gamma weight there")
     mask_truncated_completions: bool = setting(
         False, "completions cut at max_new_tokens get no loss (DAPO)"
     )
     top_entropy_quantile: float = setting(
         1.0, "train only on the top fraction of high-entropy tokens; 1 = all"
+    )
+    vllm_importance_sampling_correction: bool | None = setting(
+        None,
+        "correct for the rollout engine's log-probs differing from the trainer's (TRL's "
+        "vLLM correction); null: on when rollout.fast_kernels, true: always, false: never",
+    )
+    vllm_importance_sampling_mode: str = setting(
+        "sequence_mask", "token_truncate | token_mask | sequence_truncate | sequence_mask"
+    )
+    vllm_importance_sampling_clip_max: float | None = setting(
+        3.0, "upper bound of that ratio (truncate: clipped to it; mask: above it -> 0); null: none"
+    )
+    vllm_importance_sampling_clip_min: float | None = setting(
+        None, "lower bound of that ratio (truncate: clipped; mask: below it -> 0); null: none"
+    )
+    vllm_importance_sampling_cap: float | None = setting(
+        None, "deprecated (TRL 1.6): the same as vllm_importance_sampling_clip_max"
+    )
+    dynamic_sampling: bool = setting(
+        False,
+        "DAPO: drop groups whose rewards are all equal and sample fresh prompts until the step "
+        "has prompts_per_step groups",
+    )
+    max_resample_rounds: int = setting(
+        3, "dynamic sampling: at most this many extra generation rounds per step"
     )
     gradient_checkpointing: bool = setting(
         False, "recompute each block's activations in the backward (less memory)"
@@ -83,7 +133,12 @@ class TrainConfig:
         one_of("loss_type", self.loss_type, tuple(LOSS_TYPES))
         one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check(0 <= self.epsilon_low < 1, "epsilon_low", self.epsilon_low, "in [0, 1)")
-        check(self.epsilon_high >= 0, "epsilon_high", self.epsilon_high, ">= 0")
+        check(
+            self.epsilon_high is None or self.epsilon_high >= 0,
+            "epsilon_high",
+            self.epsilon_high,
+            "null or >= 0",
+        )
         check(self.beta >= 0, "beta", self.beta, ">= 0")
         check(self.num_iterations >= 1, "num_iterations", self.num_iterations, ">= 1")
         check(
@@ -95,6 +150,10 @@ class TrainConfig:
         one_of("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         one_of("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         check(self.delta is None or self.delta > 1, "delta", self.delta, "null or > 1")
+        for key in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            check(getattr(self, key) > 0, key, getattr(self, key), "> 0")
+        for key in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
         check(
             self.steps_per_generation >= 1,
             "steps_per_generation",
@@ -107,11 +166,44 @@ class TrainConfig:
             self.top_entropy_quantile,
             "in [0, 1]",
         )
+        mode = self.vllm_importance_sampling_mode
+        one_of("vllm_importance_sampling_mode", mode, SAMPLER_IS_MODES)
+        low, high = self.vllm_importance_sampling_clip_min, self.sampler_clip_max
+        check(
+            low is None or high is None or low < high,
+            "vllm_importance_sampling_clip_min",
+            low,
+            f"less than vllm_importance_sampling_clip_max ({high})",
+        )
+        check(
+            not mode.endswith("truncate") or low is not None or high is not None,
+            "vllm_importance_sampling_clip_max",
+            high,
+            "a bound (or vllm_importance_sampling_clip_min) for a *_truncate mode",
+        )
+        check(
+            self.max_resample_rounds >= 0, "max_resample_rounds", self.max_resample_rounds, ">= 0"
+        )
 
     @property
     def optimizer_steps(self) -> int:
         """Optimizer steps over the whole run (what the learning-rate schedule counts)."""
         return self.steps * self.num_iterations * self.steps_per_generation
+
+    @property
+    def sampler_clip_max(self) -> float | None:
+        """The importance-sampling ratio's upper bound (the deprecated cap wins, as in TRL)."""
+        if self.vllm_importance_sampling_cap is not None:
+            return self.vllm_importance_sampling_cap
+        return self.vllm_importance_sampling_clip_max
+
+    def with_sampler_correction(self, fast_kernels: bool) -> TrainConfig:
+        """This config with vllm_importance_sampling_correction resolved to a bool: null is on
+        exactly when the rollout runs on the fast kernels (TRL corrects only vLLM rollouts)."""
+        active = self.vllm_importance_sampling_correction
+        return replace(
+            self, vllm_importance_sampling_correction=fast_kernels if active is None else active
+        )
 
 
 def make_optimizer(
@@ -124,7 +216,8 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> optim.AdamW:
-    """AdamW with linear warmup then a constant, linear-decay or cosine schedule."""
+    """AdamW (bias-corrected, as torch's) with linear warmup then a constant, linear-decay or
+    cosine schedule."""
     if schedule not in SCHEDULES:
         raise ValueError(f"lr schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -140,7 +233,15 @@ def make_optimizer(
         lr = optim.join_schedules([warmup, main_fn], [warmup_steps])
     else:
         lr = main
-    return optim.AdamW(learning_rate=lr, betas=list(betas), eps=eps, weight_decay=weight_decay)
+    # torch's AdamW (TRL's optimizer) always corrects the moments' initial bias; mlx's does not
+    # unless asked.
+    return optim.AdamW(
+        learning_rate=lr,
+        betas=list(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        bias_correction=True,
+    )
 
 
 def _loss_fn(
@@ -149,18 +250,22 @@ def _loss_fn(
     old_logprobs,
     advantages,
     ref_logprobs,
+    sampler_ratio,
     cfg: TrainConfig,
     temperature: float,
     max_completion_length: int,
     num_items_in_batch,
     scale,
+    world: distributed.World,
     stages: StagedEval,
 ):
     logprobs, entropies = completion_logprobs(model, packed, temperature, stages=stages)
     mask = packed.completion_mask
     entropy_mask = None
     if cfg.top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile)
+        # TRL takes the quantile over this micro-batch of every process
+        pool = (distributed.all_gather(entropies, world), distributed.all_gather(mask, world))
+        entropy_mask = high_entropy_mask(entropies, mask, cfg.top_entropy_quantile, pool=pool)
     old = mx.stop_gradient(logprobs) if old_logprobs is None else old_logprobs
     loss, metrics = grpo_loss(
         logprobs,
@@ -177,13 +282,17 @@ def _loss_fn(
         max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch,
         entropy_mask=entropy_mask,
+        sampler_ratio=sampler_ratio,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+        sapo_temperature_pos=cfg.sapo_temperature_pos,
+        sapo_temperature_neg=cfg.sapo_temperature_neg,
+        vespo_k_pos=cfg.vespo_k_pos,
+        vespo_lambda_pos=cfg.vespo_lambda_pos,
+        vespo_k_neg=cfg.vespo_k_neg,
+        vespo_lambda_neg=cfg.vespo_lambda_neg,
     )
     metrics["entropy"] = (entropies * mask).sum() / mx.maximum(mask.sum(), 1.0)
     return loss * scale, metrics
-
-
-# Metrics averaged over the whole batch weighted by tokens (token-level) or rows (sequence-level).
-_CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
 def update_step(
@@ -202,17 +311,24 @@ def update_step(
     The logits are divided by the batch's sampling temperature (TRL), and dr_grpo divides by
     its completion width (rollout.max_new_tokens). The batch is shuffled (with `seed`) and
     split into `cfg.steps_per_generation` equal parts, one optimizer step each, and that is
-    repeated `cfg.num_iterations` times (TRL's mu). When there
-    is more than one optimizer step, the ratio's denominator is the policy that generated the
-    batch, computed once before the first step and held fixed. Each step's gradient is
-    accumulated over micro-batches of `cfg.micro_batch_size` rows, scaled so that it equals the
-    gradient of the step's whole batch for every loss_type, then clipped by global norm.
+    repeated `cfg.num_iterations` times (TRL's mu). When there is more than one optimizer step,
+    or with the sampler importance-sampling correction, the ratio's denominator is the policy
+    that generated the batch, computed once before the first step and held fixed. Each step's
+    gradient is accumulated over micro-batches of `cfg.micro_batch_size` rows, each weighted as
+    TRL weighs its micro-batches (stages/losses.py), then clipped by global norm.
+
+    dapo, cispo and vespo divide by the real tokens of the whole generation batch (after
+    `mask_truncated_completions`) over its `steps_per_generation` optimizer steps, as TRL.
+    `cfg.vllm_importance_sampling_correction` true (null counts as false here; the pipeline
+    resolves it with TrainConfig.with_sampler_correction): the rollout's own log-probs
+    (batch.logprobs, rollout.logprobs_source=sampler) and the generating policy's give TRL's
+    importance-sampling ratio (stages.losses.sampler_importance_ratio), which weights the loss.
 
     Metrics (TRL's names): loss and grad_norm (means over optimizer steps), learning_rate (last
-    step's), entropy and kl (token means), clip_ratio/low_mean, high_mean, region_mean (token
-    means; row means for sequence-level ratios) over every micro-batch, and clip_ratio/low_min,
-    high_max: the min / max of the per-micro-batch values (TRL takes them over processes'
-    local batches).
+    step's); entropy, kl, the loss type's clip metrics (clip_ratio/*, cispo_clip_ratio,
+    vespo/phi_seq_mean): each micro-batch's value over every process (token or row means;
+    clip_ratio/low_min and high_max the min / max over sequences), averaged over the step's
+    micro-batches as TRL averages its micro-steps; sampling/* with the correction.
 
     ref_model: the frozen reference when beta != 0; `model` itself for a LoRA model, whose
     reference is its base (adapters switched off, stages.lora.adapters_disabled).
@@ -220,10 +336,11 @@ def update_step(
 
     world (data parallel): `batch` is this rank's equal share of the generation batch. dapo's
     token count is summed over ranks, each loss is scaled so that the average of the ranks'
-    gradients (mlx.nn.average_gradients) is the gradient of the whole batch, clipping follows
-    the average, and the metrics are reduced over ranks (stages.distributed.reduce_metrics).
-    With steps_per_generation > 1 each rank shuffles its own share (same-size optimizer
-    batches, different rows than one process would draw).
+    gradients (mlx.nn.average_gradients) is TRL's (bnpo: the average of the ranks' token
+    means), clipping follows the average, the top_entropy_quantile threshold pools the
+    micro-batch of every rank, and the metrics are reduced over ranks. With
+    steps_per_generation > 1 each rank shuffles its own share (same-size optimizer batches,
+    different rows than one process would draw).
     """
     world = world or distributed.World()
     try:
@@ -244,9 +361,6 @@ def _update_step(
     rule = find_loss_type(cfg.loss_type)
     world_scale = float(world.size) if rule.sums_over_processes else 1.0
     n_rows = packed.tokens.shape[0]
-    # dapo's normaliser: active tokens of the whole generation batch, counted before truncated
-    # completions are masked (as TRL's num_items_in_batch).
-    num_items = distributed.all_sum(packed.completion_mask.sum(), world)
     if cfg.mask_truncated_completions:
         kept = mx.array([reason != "length" for reason in batch.finish_reasons], dtype=mx.float32)
         packed = replace(packed, completion_mask=packed.completion_mask * kept[:, None])
@@ -256,6 +370,9 @@ def _update_step(
             f"steps_per_generation={parts} does not split the generation batch of {n_rows} rows "
             "into equal parts"
         )
+    # dapo's normaliser: real tokens of the whole generation batch (every process), counted
+    # after truncated completions are masked, per optimizer step (TRL's num_items_in_batch).
+    num_items = mx.maximum(distributed.all_sum(packed.completion_mask.sum(), world), 1.0) / parts
     order = np.arange(n_rows)
     if parts > 1:
         order = np.random.default_rng(seed).permutation(n_rows)
@@ -277,8 +394,19 @@ def _update_step(
         return mx.concatenate(values)
 
     # With one optimizer step per batch the ratio is 1 (old = current, detached), as in TRL.
+    correction = bool(cfg.vllm_importance_sampling_correction)
     multi_step = cfg.num_iterations * parts > 1
-    old_logprobs = no_grad_logprobs(model) if multi_step else None
+    old_logprobs = no_grad_logprobs(model) if multi_step or correction else None
+    sampler_ratio, sampling_metrics = None, {}
+    if correction:
+        sampler_ratio, sampling_metrics = sampler_importance_ratio(
+            old_logprobs,
+            batch.logprobs,
+            packed.completion_mask,
+            mode=cfg.vllm_importance_sampling_mode,
+            clip_min=cfg.vllm_importance_sampling_clip_min,
+            clip_max=cfg.sampler_clip_max,
+        )
     ref_logprobs = None
     if cfg.beta != 0.0 and ref_model is model:
         with lora.adapters_disabled(model):
@@ -288,32 +416,30 @@ def _update_step(
         ref_logprobs = no_grad_logprobs(ref_model)
     model.train()
     loss_and_grad = nn.value_and_grad(model, _loss_fn)
-    token_counts = packed.completion_mask.sum(axis=1)
 
     steps: list[dict[str, float]] = []
-    weighted: dict[str, list[tuple[float, float]]] = {}
-    per_chunk: dict[str, list[float]] = {"clip_ratio/low_mean": [], "clip_ratio/high_mean": []}
+    per_chunk: list[dict[str, tuple[float, float]]] = []  # metric -> (value, count) per chunk
     for _ in range(cfg.num_iterations):
         for rows in step_rows:
-            local_tokens = token_counts[mx.array(rows)].sum()
-            step_tokens = distributed.all_sum(local_tokens, world).item()
+            chunks = chunks_of(rows)
             grads, step_loss = None, 0.0
-            for chunk in chunks_of(rows):
-                chunk_tokens = token_counts[chunk].sum().item()
-                share = rule.micro_batch_weight(chunk.size, len(rows), chunk_tokens, step_tokens)
-                scale = share * world_scale
+            for chunk in chunks:
+                share = rule.micro_batch_weight(chunk.size, len(rows), len(chunks))
+                chunk_packed = take_rows(packed, chunk)
                 stages = StagedEval()
                 (loss, metrics), chunk_grads = loss_and_grad(
                     model,
-                    take_rows(packed, chunk),
+                    chunk_packed,
                     None if old_logprobs is None else old_logprobs[chunk],
                     advantages[chunk],
                     None if ref_logprobs is None else ref_logprobs[chunk],
+                    None if sampler_ratio is None else sampler_ratio[chunk],
                     cfg,
                     temperature,
                     max_completion_length,
                     num_items,
-                    scale,
+                    share * world_scale,
+                    world,
                     stages,
                 )
                 stages.run()  # the vocabulary head block by block, then the rest
@@ -322,14 +448,18 @@ def _update_step(
                 grads = chunk_grads
                 mx.eval(grads, loss, metrics)
                 step_loss += loss.item()
-                sequence_level = cfg.importance_sampling_level == "sequence"
-                for name, value in metrics.items():
-                    value = value.item()
-                    if name in per_chunk:
-                        per_chunk[name].append(value)
-                    row_weighted = sequence_level and name in _CLIP_METRICS
-                    weight = float(chunk.size) if row_weighted else chunk_tokens
-                    weighted.setdefault(name, []).append((value, weight))
+                mask = chunk_packed.completion_mask
+                per_chunk.append(
+                    {
+                        name: (
+                            value.item(),
+                            1.0
+                            if name in EXTREME_METRICS
+                            else metric_count(name, mask, cfg.importance_sampling_level),
+                        )
+                        for name, value in metrics.items()
+                    }
+                )
             if world.size > 1:
                 grads = nn.utils.average_gradients(grads, group=world.group)
             if cfg.max_grad_norm > 0:
@@ -349,13 +479,33 @@ def _update_step(
         "learning_rate": steps[-1]["learning_rate"],
         "optimizer_steps": float(len(steps)),
     }
-    for name, pairs in weighted.items():
-        total_weight = sum(w for _, w in pairs)
-        results[name] = (
-            sum(v * w for v, w in pairs) / total_weight
-            if total_weight > 0
-            else float(np.mean([v for v, _ in pairs]))
-        )
-    results["clip_ratio/low_min"] = min(per_chunk["clip_ratio/low_mean"])
-    results["clip_ratio/high_max"] = max(per_chunk["clip_ratio/high_mean"])
+    results.update(_micro_step_means(per_chunk, world))
+    results.update({name: value.item() for name, value in sampling_metrics.items()})
+    return results
+
+
+def _micro_step_means(per_chunk: list[dict], world: distributed.World) -> dict[str, float]:
+    """TRL's logged value of each loss metric: per micro-batch, the value over every process
+    (sums and counts added for means; min / max for EXTREME_METRICS), then the mean over the
+    micro-batches, NaNs left out."""
+    names = sorted(per_chunk[0])
+    means = [n for n in names if n not in EXTREME_METRICS]
+    sums = mx.array([[c[n][0] * c[n][1] for n in means] for c in per_chunk], dtype=mx.float32)
+    counts = mx.array([[c[n][1] for n in means] for c in per_chunk], dtype=mx.float32)
+    sums, counts = distributed.all_sum(sums, world), distributed.all_sum(counts, world)
+    values = {n: np.array(sums[:, i] / mx.maximum(counts[:, i], 1.0)) for i, n in enumerate(means)}
+    for name in names:
+        if name not in EXTREME_METRICS:
+            continue
+        largest = EXTREME_METRICS[name] == "max"
+        column = np.array([c[name][0] for c in per_chunk], dtype=np.float32)
+        # NaN (a micro-batch without real tokens) must not win the extreme over processes
+        fill = -np.inf if largest else np.inf
+        column = mx.array(np.where(np.isnan(column), fill, column))
+        reduced = np.array(distributed.all_extreme(column, world, largest=largest))
+        values[name] = np.where(np.isinf(reduced), np.nan, reduced)
+    results = {}
+    for name, column in values.items():
+        finite = column[~np.isnan(column)]
+        results[name] = float(finite.mean()) if finite.size else math.nan
     return results

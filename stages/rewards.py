@@ -104,8 +104,6 @@ class RewardConfig:
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_NUMBER_OR_FRACTION = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
-_BOXED = "\\boxed{"
 _FRACTION = re.compile(r"^(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)$")
 _LATEX_FRACTION = re.compile(r"^(-?)\\d?frac\{(-?\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}$")
 
@@ -141,55 +139,6 @@ def parse_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\boxed{...}` in text (balanced braces), or None."""
-    start = text.rfind(_BOXED)
-    if start < 0:
-        return None
-    depth, i = 1, start + len(_BOXED)
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer written in a completion or a reference: the last `\boxed{}`, else the
-    text after the last "####" (GSM8K), else the last `<answer>...</answer>`, else the last
-    number. None when there is none."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip()
-        return tail.splitlines()[0].strip() if tail else None
-    tagged = re.findall(r"<answer>(.*?)</answer>", text, flags=re.DOTALL)
-    if tagged:
-        return tagged[-1].strip()
-    numbers = _NUMBER_OR_FRACTION.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def answers_match(predicted: str | None, expected: str | None) -> bool:
-    """Numerically equal when both are numbers (1e-6 relative), else equal as stripped text."""
-    if predicted is None or expected is None:
-        return False
-    got, want = parse_number(predicted), parse_number(expected)
-    if got is not None and want is not None:
-        return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-    if got is None and want is not None:
-        # "The answer is 42 apples" inside <answer> or \boxed{}: compare its last number.
-        numbers = _NUMBER.findall(predicted)
-        got = parse_number(numbers[-1]) if numbers else None
-        return got is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
-    canon = lambda s: " ".join(s.strip().rstrip(".").split()).lower()  # noqa: E731
-    return canon(predicted) == canon(expected)
-
-
 @register("exact_answer")
 def exact_answer(prompts: list[str], completions: list[str], answer: list[str], **_) -> list:
     """1.0 when the completion, stripped, is exactly the `answer` column, else 0.0."""
@@ -219,18 +168,108 @@ def gsm8k_answer(prompts: list[str], completions: list[str], answer: list[str], 
     return rewards
 
 
-@register("math_answer")
-def math_answer(prompts: list[str], completions: list[str], answer: list[str], **_) -> list:
-    """Math correctness: 1.0 when the completion's final answer equals the reference's.
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
-    Both sides go through `extract_answer` (last `\boxed{}`, else after "####", else inside
-    `<answer>` tags, else the last number); numbers compare by value ("1,000" == "1000",
-    "3.50" == "3.5", "\frac{1}{2}" == "0.5"), anything else as case-folded text.
-    """
-    return [
-        float(answers_match(extract_answer(c), extract_answer(str(a)) or str(a).strip()))
-        for c, a in zip(completions, answer)
+
+def answer_region(text: str) -> str:
+    r"""The part of a completion or reference that holds its final answer: the whole text when it
+    has a `\boxed{}` (math-verify reads the last boxed first), else the first line after the last
+    "####" (GSM8K), else the inside of the last `<answer>...</answer>`, else the whole text."""
+    if "\\boxed" in text:
+        return text
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0] if tail else ""
+    tagged = _ANSWER_TAG.findall(text)
+    return tagged[-1].strip() if tagged else text
+
+
+_LATEX_MARK = re.compile(r"[\\^_{]")
+# digits, operators, brackets and one-letter variables: "(1,2)", "3x + 1", "[0, 1)"
+_PLAIN_MATH = re.compile(r"(?:[\d\s.,+\-*/()\[\]=<>!%]|(?<![A-Za-z])[A-Za-z](?![A-Za-z]))+")
+
+
+def parse_math(text: str, *, reference: bool = False) -> list:
+    r"""math-verify's parse of `text`'s answer region (stages.rewards.answer_region), LaTeX with
+    `\boxed{}` first (units normalised, as TRL's accuracy_reward), then plain expressions and
+    numbers. A reference without its own `$...$` or `\boxed{}` (a MATH answer column such as
+    `\sqrt{2}` or `(1,2)`) is read as LaTeX math first, inside `$...$`, then as plain text; a
+    completion region that does not parse but looks like bare LaTeX (a backslash, `^`, `_` or
+    `{`) is tried inside `$...$` too. [] when nothing parses."""
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    # math-verify's time limits use SIGALRM, which only the main thread can set (as TRL).
+    timeout = 10 if threading.current_thread() is threading.main_thread() else None
+    config = [
+        LatexExtractionConfig(
+            normalization_config=NormalizationConfig(units=True), boxed_match_priority=0
+        ),
+        ExprExtractionConfig(),
     ]
+    region = answer_region(text).strip()
+    bare = bool(region) and "$" not in region and "\\boxed" not in region
+    latex_like = bare and bool(_LATEX_MARK.search(region) or _PLAIN_MATH.fullmatch(region))
+    attempts = [region]
+    if latex_like and reference:
+        attempts = [f"${region}$", region]
+    elif latex_like and _LATEX_MARK.search(region):
+        attempts = [region, f"${region}$"]
+    for attempt in attempts:
+        parsed = parse(attempt, extraction_config=config, parsing_timeout=timeout)
+        if parsed:
+            return parsed
+    return []
+
+
+@register("math_answer")
+def math_answer(
+    prompts: list[str],
+    completions: list[str],
+    answer: list[str],
+    log_metric: Callable[[str, float], None] | None = None,
+    **_,
+) -> list:
+    r"""Math correctness with math-verify (the library TRL's accuracy_reward is built on): 1.0
+    when the completion's answer is mathematically equal to the reference's, else 0.0.
+
+    Both go through `parse_math` (the last `\boxed{}`, else after "####", else inside
+    `<answer>` tags, else the whole text; LaTeX or plain) and `math_verify.verify`
+    ("\frac{3}{4}" == "0.75", "x^2 + 1" == "x^2+1", "1,000" == "1000"). A completion that does
+    not parse scores 0.0; a reference that does not parse gives None (the row is left out, as
+    TRL's accuracy_reward), and neither raises. `log_metric` (TRL's reward-function hook) gets
+    the counts: rewards/math_answer/parse_failures (completions) and
+    rewards/math_answer/reference_parse_failures.
+    """
+    from math_verify import verify
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    rewards, failed, failed_references = [], 0, 0
+    for completion, reference in zip(completions, answer):
+        try:
+            gold = parse_math(str(reference), reference=True)
+        except Exception:
+            gold = []
+        if not gold:
+            failed_references += 1
+            rewards.append(None)
+            continue
+        try:
+            predicted = parse_math(completion)
+        except Exception:
+            predicted = []
+        if not predicted:
+            failed += 1
+            rewards.append(0.0)
+            continue
+        try:
+            rewards.append(float(verify(gold, predicted, timeout_seconds=timeout)))
+        except Exception:
+            rewards.append(0.0)
+    if log_metric is not None:
+        log_metric("rewards/math_answer/parse_failures", float(failed))
+        log_metric("rewards/math_answer/reference_parse_failures", float(failed_references))
+    return rewards
 
 
 _THINK_TRL = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
@@ -400,12 +439,12 @@ def resolve_funcs(cfg: RewardConfig) -> RewardFuncs:
 
 def required_columns(fn: RewardFunc) -> list[str]:
     """Dataset columns a reward function needs: its parameters without defaults, other than
-    prompts, completions and completion_ids (TRL passes those)."""
+    prompts, completions, completion_ids and log_metric (TRL passes those)."""
     target = fn.func if isinstance(fn, functools.partial) else fn
     bound = fn.keywords if isinstance(fn, functools.partial) else {}
     names = []
     for name, parameter in inspect.signature(target).parameters.items():
-        if name in ("prompts", "completions", "completion_ids") or name in bound:
+        if name in ("prompts", "completions", "completion_ids", "log_metric") or name in bound:
             continue
         if parameter.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
             continue
@@ -530,6 +569,7 @@ def run_rewards(
     *,
     timeout: float | None = None,
     on_error: str = "raise",
+    metrics: dict[str, float] | None = None,
 ) -> tuple[mx.array, list[RewardFailure]]:
     """Every reward function on the batch: ((N, F) float32 scores, NaN where None; failures).
 
@@ -539,6 +579,8 @@ def run_rewards(
     and the first failing sample; on_error="none" records None for the failing samples (all of
     them when the call timed out) and returns one RewardFailure per failure.
     A function that returns the wrong number of values or non-numbers always raises.
+    `metrics`: filled with what the functions logged through `log_metric(name, value)` (TRL's
+    hook, passed to every function): the mean of each name's values over the calls.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error {on_error!r} is not one of {', '.join(ON_ERROR)}")
@@ -552,11 +594,17 @@ def run_rewards(
     # The parsed parts of thinking-mode completions: <think>...</think> and the answer after it.
     parts = completion_parts(batch.texts)
     columns, failures = [], []
+    logged: dict[str, list[float]] = {}
+
+    def log_metric(name: str, value: float) -> None:
+        logged.setdefault(name, []).append(float(value))
+
     for fn, name in zip(reward_funcs, names):
         kwargs = dict(
             prompts=batch.prompt_texts,
             completions=batch.texts,
             completion_ids=completion_ids,
+            log_metric=log_metric,
             **parts,
             **batch.columns,
         )
@@ -583,6 +631,8 @@ def run_rewards(
         failures.extend(found)
         columns.append(column)
     scores = mx.array(columns, dtype=mx.float32).T.reshape(n, len(reward_funcs))
+    if metrics is not None:
+        metrics.update({key: sum(values) / len(values) for key, values in logged.items()})
     return scores, failures
 
 

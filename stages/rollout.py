@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from stages import fused_decode
+from stages import distributed, fused_decode
 from stages.policy import hidden_and_head, policy_logprobs
 from stages.settings import check, one_of, setting
 
@@ -91,6 +91,11 @@ class RolloutConfig:
         "cache; the same tokens and logprobs as mlx_lm), mlx_lm (mlx-lm's model and batch "
         "caches), auto (fused where it supports the model and max_kv_size is 0, else mlx_lm)",
     )
+    fast_kernels: bool = setting(
+        False,
+        "CUDA only: the fused engine's matmuls through faster kernels that round differently "
+        "from the trainer (train.vllm_importance_sampling_correction corrects for it)",
+    )
 
     def validate(self) -> None:
         check(self.group_size >= 1, "group_size", self.group_size, ">= 1")
@@ -119,11 +124,20 @@ class RolloutConfig:
             self.engine,
             "auto or mlx_lm when max_kv_size > 0 (the fused engine has no rotating cache)",
         )
+        check(
+            not self.fast_kernels or mx.cuda.is_available(),
+            "fast_kernels",
+            self.fast_kernels,
+            "false on this machine (the fused decode kernels need MLX's CUDA backend)",
+        )
 
 
-def step_seed(run_seed: int, step: int, purpose: str = "train") -> int:
+def step_seed(run_seed: int, step: int, purpose: str = "train", round_index: int = 0) -> int:
     """The seed of one step's sampling (and update shuffle) from `run.seed`: every step, and
-    evaluation after a step, draws from its own stream."""
+    evaluation after a step, draws from its own stream; so does each extra generation round of
+    a step (dynamic sampling, `round_index` >= 1)."""
+    if round_index:
+        return int(np.random.SeedSequence([run_seed, step, round_index]).generate_state(1)[0])
     offset = {"train": 0, "eval": 999_983}[purpose]
     return run_seed * 1_000_003 + offset + step
 
@@ -156,6 +170,80 @@ class RolloutBatch:
             name: [row[name] for row in rows for _ in range(self.group_size)] for name in names
         }
         return self
+
+
+def select_rows(batch: RolloutBatch, rows) -> RolloutBatch:
+    """The rows `rows` (whole groups, in order) of a batch; dataset columns are kept."""
+    rows = [int(r) for r in rows]
+    index = mx.array(rows, dtype=mx.int32)
+    return RolloutBatch(
+        prompt_ids=[batch.prompt_ids[r] for r in rows],
+        completion_ids=batch.completion_ids[index],
+        completion_mask=batch.completion_mask[index],
+        logprobs=batch.logprobs[index],
+        finish_reasons=[batch.finish_reasons[r] for r in rows],
+        prompt_texts=[batch.prompt_texts[r] for r in rows],
+        texts=[batch.texts[r] for r in rows],
+        group_size=batch.group_size,
+        columns={k: [v[r] for r in rows] for k, v in batch.columns.items()},
+        temperature=batch.temperature,
+    )
+
+
+def concatenate(batches: list[RolloutBatch]) -> RolloutBatch:
+    """The rows of `batches` one after another (same group size, temperature, width)."""
+    first = batches[0]
+    columns = {k: [x for b in batches for x in b.columns.get(k, [])] for k in first.columns}
+    return RolloutBatch(
+        prompt_ids=[p for b in batches for p in b.prompt_ids],
+        completion_ids=mx.concatenate([b.completion_ids for b in batches]),
+        completion_mask=mx.concatenate([b.completion_mask for b in batches]),
+        logprobs=mx.concatenate([b.logprobs for b in batches]),
+        finish_reasons=[r for b in batches for r in b.finish_reasons],
+        prompt_texts=[t for b in batches for t in b.prompt_texts],
+        texts=[t for b in batches for t in b.texts],
+        group_size=first.group_size,
+        columns=columns,
+        temperature=first.temperature,
+    )
+
+
+def _gather_ragged(rows: list, world) -> list:
+    """Every rank's list of int lists (or str), concatenated in rank order."""
+    as_text = bool(rows) and isinstance(rows[0], str)
+    encoded = [list(r.encode()) if as_text else list(r) for r in rows]
+    width = max([len(r) for r in encoded] + [1])
+    width = int(distributed.all_extreme(mx.array(width), world, largest=True).item())
+    padded = np.zeros((len(encoded), width), dtype=np.int32)
+    lengths = np.array([len(r) for r in encoded], dtype=np.int32)
+    for i, r in enumerate(encoded):
+        padded[i, : len(r)] = r
+    every = np.array(distributed.all_gather(mx.array(padded), world))
+    every_lengths = np.array(distributed.all_gather(mx.array(lengths), world))
+    out = [every[i, : every_lengths[i]].tolist() for i in range(len(every))]
+    return [bytes(r).decode() for r in out] if as_text else out
+
+
+def all_gather_batch(batch: RolloutBatch, world) -> RolloutBatch:
+    """Every rank's rows of a data-parallel generation round, in rank order, on every rank
+    (dynamic sampling keeps groups that other ranks generated). Dataset columns are not
+    gathered (they are only the reward functions')."""
+    if world.size == 1:
+        return batch
+    reasons = mx.array([r == "length" for r in batch.finish_reasons], dtype=mx.int32)
+    return RolloutBatch(
+        prompt_ids=_gather_ragged(batch.prompt_ids, world),
+        completion_ids=distributed.all_gather(batch.completion_ids, world),
+        completion_mask=distributed.all_gather(batch.completion_mask, world),
+        logprobs=distributed.all_gather(batch.logprobs, world),
+        finish_reasons=[
+            "length" if r else "stop" for r in distributed.all_gather(reasons, world).tolist()
+        ],
+        prompt_texts=_gather_ragged(batch.prompt_texts, world),
+        texts=_gather_ragged(batch.texts, world),
+        group_size=batch.group_size,
+        temperature=batch.temperature,
+    )
 
 
 class Sampler:
@@ -470,6 +558,9 @@ def generate_rollouts(
     row i draws with key i of the global batch, as one process would.
     """
     cfg.validate()
+    # The seam of rollout.fast_kernels (CUDA): the fused decode engine takes over here and
+    # returns the same RolloutBatch, with its own sampler's log-probs. Until it lands this
+    # path runs; the update's importance-sampling correction is on for it all the same.
     check(row_offset >= 0, "row_offset", row_offset, ">= 0")
     check(total_rows >= 0, "total_rows", total_rows, ">= 0 (0 = this batch)")
     check_prompts(model, prompts)

@@ -201,3 +201,50 @@ def test_failing_reward_stops_with_function_and_sample(tmp_path):
     assert last.startswith("error: reward function flaky raised ValueError: no ones on sample"), (
         last
     )
+
+
+def test_dynamic_sampling_resumes_exactly_and_logs_its_rounds(tmp_path):
+    """DAPO's dynamic sampling: steps resample fresh prompts (the data position runs ahead of
+    steps x prompts_per_step), the position is checkpointed, and 2 steps + a resume to 4 end
+    with the same weights and optimizer state as 4 steps in one go."""
+    from stages import checkpoint
+
+    import mlx.core as mx
+
+    def arrays(path):
+        return {
+            **mx.load(str(path / "model.safetensors")),
+            **{f"opt.{k}": v for k, v in mx.load(str(path / "optimizer.safetensors")).items()},
+        }
+
+    dynamic = (*SHRUNK, "train.dynamic_sampling=true", "train.max_resample_rounds=2")
+    (tmp_path / "whole").mkdir()
+    whole = run_grpo(tmp_path / "whole", *dynamic)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (tmp_path / "resumed").mkdir()
+    first = run_grpo(tmp_path / "resumed", *dynamic[:-1], "train.steps=2", dynamic[-1])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_grpo(tmp_path / "resumed", *dynamic, "run.resume=latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    root = Path("outputs") / "quickstart" / "checkpoints" / "step-00000004"
+    one, two = tmp_path / "whole" / root, tmp_path / "resumed" / root
+    assert checkpoint.load_state(one)["data_position"] > 4 * 4  # rounds were resampled
+    assert (
+        checkpoint.load_state(one)["data_position"] == checkpoint.load_state(two)["data_position"]
+    )
+    a, b = arrays(one), arrays(two)
+    assert a.keys() == b.keys()
+    assert max(mx.abs(a[k] - b[k]).max().item() for k in a) <= 1e-6
+
+    client, runs = _mlflow_run(tmp_path / "whole")
+    run_id = runs[0].info.run_id
+    rounds = [m.value for m in client.get_metric_history(run_id, "dynamic_sampling/rounds")]
+    assert len(rounds) == 4 and max(rounds) > 1
+    for name in (
+        "dynamic_sampling/dropped_groups",
+        "dynamic_sampling/kept_groups",
+        "dynamic_sampling/frac_reward_zero_std_before",
+        "frac_reward_zero_std",
+    ):
+        assert name in runs[0].data.metrics, name

@@ -71,6 +71,42 @@ def test_overrides_apply_and_flatten():
         (["eval.num_samples=0"], "eval.num_samples=0 is invalid"),
         (["distributed.backend=tcp"], "distributed.backend='tcp' is invalid"),
         (["distributed.stop_grace_seconds=0"], "distributed.stop_grace_seconds=0.0 is invalid"),
+        (
+            ["train.loss_type=ppo"],
+            "expected grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo",
+        ),
+        (["train.epsilon_high=-1"], "train.epsilon_high=-1.0 is invalid: expected null or >= 0"),
+        (["train.sapo_temperature_neg=0"], "train.sapo_temperature_neg=0.0 is invalid"),
+        (["train.max_resample_rounds=-1"], "train.max_resample_rounds=-1 is invalid"),
+        (["train.vllm_importance_sampling_mode=token"], "train.vllm_importance_sampling_mode"),
+        (
+            ["train.vllm_importance_sampling_clip_min=3.0"],
+            "train.vllm_importance_sampling_clip_min=3.0 is invalid: expected less than",
+        ),
+        (
+            [
+                "train.vllm_importance_sampling_mode=token_truncate",
+                "train.vllm_importance_sampling_clip_max=null",
+            ],
+            "train.vllm_importance_sampling_clip_max=None is invalid",
+        ),
+        (
+            ["train.vllm_importance_sampling_correction=true", "rollout.logprobs_source=policy"],
+            "train.vllm_importance_sampling_correction=True is invalid",
+        ),
+        (
+            [
+                "train.vllm_importance_sampling_correction=true",
+                "train.loss_type=vespo",
+            ],
+            "train.vllm_importance_sampling_mode='sequence_mask' is invalid: expected "
+            "token_truncate | token_mask with loss_type=vespo",
+        ),
+        # the CPU test machine has no CUDA: the fused kernels are a config error
+        (
+            ["rollout.fast_kernels=true"],
+            "rollout.fast_kernels=True is invalid: expected false on this machine",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, fragment):
@@ -79,6 +115,20 @@ def test_bad_config_is_one_line_naming_the_key(overrides, fragment):
     message = str(error.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_trl_defaults_and_the_deprecated_cap():
+    train = compose([]).train
+    assert train.epsilon_high is None and train.use_bias_correction_kl
+    assert train.vllm_importance_sampling_mode == "sequence_mask"
+    assert train.sampler_clip_max == 3.0 and train.vllm_importance_sampling_clip_min is None
+    capped = compose(["train.vllm_importance_sampling_cap=2.0"]).train
+    assert capped.sampler_clip_max == 2.0  # TRL copies the deprecated cap into clip_max
+    # null: on exactly when the rollout runs on the fast kernels (TRL: only for vLLM rollouts)
+    assert train.with_sampler_correction(True).vllm_importance_sampling_correction is True
+    assert train.with_sampler_correction(False).vllm_importance_sampling_correction is False
+    forced = compose(["train.vllm_importance_sampling_correction=true"]).train
+    assert forced.with_sampler_correction(False).vllm_importance_sampling_correction is True
 
 
 def test_new_objective_keys_compose():

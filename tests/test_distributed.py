@@ -84,9 +84,11 @@ def test_two_ranks_update_like_one_process_for_every_loss_type():
     reports = _launch("distributed/worker_update.py")
     for report in reports:
         assert report["same_samples"]  # a rank's share draws what one process draws for it
-        for loss_type in LOSS_TYPES:
-            got = report[loss_type]
-            assert got["moved"] > 1e-3, loss_type  # the update did something
+        for case in [*LOSS_TYPES, "dapo-entropy", "grpo-sampler-correction"]:
+            got = report[case]
+            assert got["moved"] > 1e-3, case  # the update did something
             # float32: the same global gradient up to summation order.
-            assert got["weights"] < 1e-5, (loss_type, got)
-            assert got["loss"] < 1e-5 and got["grad_norm"] < 1e-4, (loss_type, got)
+            assert got["weights"] < 1e-5, (case, got)
+            assert got["loss"] < 1e-5 and got["grad_norm"] < 1e-4, (case, got)
+        # the entropy metric: one micro-batch over both ranks, as one process's whole batch
+        assert report["dapo-entropy"]["entropy"] < 1e-5

@@ -34,3 +34,26 @@ def test_padding_never_selected_and_bad_quantile():
     assert np.array(high_entropy_mask(entropies, mask, 0.5)).tolist() == [[1.0, 0.0, 0.0]]
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         high_entropy_mask(entropies, mask, 1.5)
+
+
+@pytest.mark.parametrize("quantile", [0.8, 0.3, 0.0])
+def test_pooled_quantile_matches_trl_gathered_entropies(quantile):
+    """TRL takes the threshold over the micro-batch of every process (pad, gather, drop pads):
+    the mask of this process's rows with the pool of two processes' rows."""
+    from trl_reference import trl_high_entropy_mask
+
+    rng = np.random.default_rng(2)
+    entropies = rng.random((4, 5)).astype(np.float32)
+    mask = (rng.random((4, 5)) > 0.3).astype(np.float32)
+    other_entropies = (rng.random((4, 5)) * 3).astype(np.float32)  # another process's, higher
+    other_mask = (rng.random((4, 5)) > 0.5).astype(np.float32)
+    gathered = np.concatenate([entropies[mask > 0], other_entropies[other_mask > 0]])
+    expected = trl_high_entropy_mask(entropies, mask, quantile, gathered_entropies=gathered)
+    pool = (
+        mx.array(np.concatenate([entropies, other_entropies])),
+        mx.array(np.concatenate([mask, other_mask])),
+    )
+    got = high_entropy_mask(mx.array(entropies), mx.array(mask), quantile, pool=pool)
+    np.testing.assert_array_equal(np.array(got), expected.astype(np.float32))
+    alone = high_entropy_mask(mx.array(entropies), mx.array(mask), quantile)
+    assert not np.array_equal(np.array(alone), np.array(got))  # the pool moved the threshold

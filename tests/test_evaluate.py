@@ -45,30 +45,48 @@ def test_greedy_eval_matches_greedy_generation_and_scores_it(tiny):
     assert len(result.table["prompt"]) == 3 and set(result.table) >= {"reward", "correct"}
 
 
+def _starts_with_sum_digit(prompts, completions, answer, **_):
+    """1 when the completion's first character is the answer's last digit: right on some
+    samples and wrong on others for the untrained tiny model."""
+    return [float(c[:1] == a[-1:]) for c, a in zip(completions, answer)]
+
+
 def test_sampled_eval_reports_pass_at_k(tiny):
-    model, tokenizer, rows, prompts = _setup(tiny, n=4)
-    always = lambda prompts, completions, **_: [1.0] * len(completions)  # noqa: E731
+    """pass@k and accuracy against the same samples drawn again with generate_rollouts: the
+    fraction of prompts with a correct completion among k, and of correct completions."""
+    model, tokenizer, rows, prompts = _setup(tiny, n=6)
+    k = 3
+    settings = RolloutConfig(max_new_tokens=3, temperature=1.0)
     result = evaluate(
         model,
         tokenizer,
         prompts,
         rows,
-        [rewards.exact_answer, always],
-        ["exact_answer", "always"],
+        [_starts_with_sum_digit, rewards.exact_answer],
+        ["digit", "exact_answer"],
         [1.0, 0.0],
-        RolloutConfig(max_new_tokens=3, temperature=1.0),
-        EvalConfig(num_samples=3, accuracy_reward="always"),
+        settings,
+        EvalConfig(num_samples=k, batch_size=16, table_rows=100),
         seed=1,
     )
-    assert result.metrics["eval/pass@3"] == 1.0 and result.metrics["eval/accuracy"] == 1.0
+    again = generate_rollouts(
+        model, tokenizer, prompts, RolloutConfig(group_size=k, max_new_tokens=3), seed=1
+    )
+    assert result.table["completion"] == again.texts  # the same samples
+    answers = [r["answer"] for r in rows for _ in range(k)]
+    correct = np.array(_starts_with_sum_digit([], again.texts, answers)).reshape(-1, k)
+    expected_pass = float(np.mean(correct.max(axis=1)))
+    assert 0.0 < expected_pass < 1.0 and 0.0 < correct.mean() < expected_pass  # a real case
+    assert result.metrics[f"eval/pass@{k}"] == pytest.approx(expected_pass)
+    assert result.metrics["eval/accuracy"] == pytest.approx(correct.mean())
     with pytest.raises(ValueError, match="accuracy_reward 'nope'"):
         evaluate(
             model,
             tokenizer,
             prompts,
             rows,
-            [always],
-            ["always"],
+            [_starts_with_sum_digit],
+            ["digit"],
             [1.0],
             RolloutConfig(),
             EvalConfig(accuracy_reward="nope"),

@@ -1,7 +1,6 @@
-from stages import grpo_update, policy
+from stages import grpo_update
 from stages.advantages import compute_advantages, group_advantages
 from stages.grpo_update import TrainConfig
-from stages.losses import grpo_loss
 from stages.rollout import RolloutConfig, generate_rollouts
 
 import mlx.core as mx
@@ -9,7 +8,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
+from trl_reference import (
+    trl_loss,
+    trl_loss_grad,
+    trl_split_generation_batch,
+    trl_truncation_and_num_items,
+    trl_vllm_importance_sampling,
+)
 
 
 def _np_advantages(rewards, group_size, scale):
@@ -116,6 +122,27 @@ def test_unscorable_rows_are_left_out_of_the_group_baseline():
     )
 
 
+def test_informative_groups_are_those_whose_rewards_differ():
+    from stages.advantages import informative_groups
+
+    scores = mx.array(
+        [
+            [1.0, 0.0], [1.0, 0.0],  # equal totals: no gradient
+            [1.0, 0.0], [0.0, 0.0],  # differ
+            [1.0, np.nan], [np.nan, 1.0],  # weighted totals 1 and 2: differ
+            [np.nan, np.nan], [1.0, 0.0],  # one scored row only
+            [0.0, 2.0], [1.0, 0.0],  # 1*0 + 0.5*2 = 1 = 1*1: equal under the weights
+        ]
+    )  # fmt: skip
+    got = informative_groups(scores, [1.0, 2.0], 2)
+    assert got.tolist() == [False, True, True, False, True]
+    got = informative_groups(scores, [1.0, 0.5], 2)
+    assert got.tolist() == [False, True, True, False, False]
+    # the same groups group_advantages gives a zero advantage
+    advantages = np.array(group_advantages(scores, [1.0, 0.5], 2)[0]).reshape(-1, 2)
+    assert (np.abs(advantages).max(axis=1) > 0).tolist() == got.tolist()
+
+
 def test_reward_weights_scale_each_function():
     scores = mx.array([[1.0, 0.0], [0.0, 1.0]])
     # weight 3 on the first function: totals 3 and 1 -> advantages +1, -1 before scaling
@@ -125,242 +152,6 @@ def test_reward_weights_scale_each_function():
         group_advantages(scores, [1.0], 2, "group")
     with pytest.raises(ValueError, match="multi_objective_aggregation 'mean'"):
         group_advantages(scores, [1.0, 1.0], 2, "group", "mean")
-
-
-def _np_trl_loss(
-    logp,
-    old,
-    adv,
-    mask,
-    loss_type,
-    eps_low,
-    eps_high,
-    beta=0.0,
-    ref=None,
-    max_len=None,
-    num_items=None,
-    level="token",
-    delta=None,
-):
-    """TRL GRPOTrainer._compute_loss, transcribed to NumPy."""
-    log_ratio = logp - old
-    if level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / np.maximum(mask.sum(-1), 1))[:, None]
-    coef_1 = np.exp(log_ratio)
-    coef_2 = np.clip(coef_1, 1 - eps_low, 1 + eps_high)
-    if delta is not None:
-        coef_1 = np.minimum(coef_1, delta)
-    per_token = -np.minimum(coef_1 * adv[:, None], coef_2 * adv[:, None])
-    if beta:
-        kl = np.exp(ref - logp) - (ref - logp) - 1
-        per_token = per_token + beta * kl
-    if loss_type == "grpo":
-        return ((per_token * mask).sum(-1) / np.maximum(mask.sum(-1), 1)).mean()
-    if loss_type == "bnpo":
-        return (per_token * mask).sum() / max(mask.sum(), 1)
-    if loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (mask.shape[0] * max_len)
-    return (per_token * mask).sum() / (num_items if num_items is not None else mask.sum())
-
-
-def _case(seed=0, rows=4, steps=6):
-    rng = np.random.default_rng(seed)
-    logp = -rng.random((rows, steps)).astype(np.float32) * 3
-    old = logp + rng.normal(0, 0.3, (rows, steps)).astype(np.float32)
-    ref = logp + rng.normal(0, 0.2, (rows, steps)).astype(np.float32)
-    adv = rng.normal(0, 1, rows).astype(np.float32)
-    mask = (rng.random((rows, steps)) > 0.3).astype(np.float32)
-    mask[:, 0] = 1
-    return logp, old, ref, adv, mask
-
-
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_loss_matches_numpy_transcription_of_trl(loss_type, beta, level):
-    logp, old, ref, adv, mask = _case()
-    kwargs = dict(
-        loss_type=loss_type,
-        epsilon_low=0.2,
-        epsilon_high=0.28,
-        beta=beta,
-        max_completion_length=8,
-        num_items_in_batch=30.0,
-        importance_sampling_level=level,
-    )
-    got, metrics = grpo_loss(
-        mx.array(logp),
-        mx.array(old),
-        mx.array(adv),
-        mx.array(mask),
-        ref_logprobs=mx.array(ref),
-        **kwargs,
-    )
-    expected = _np_trl_loss(
-        logp,
-        old,
-        adv,
-        mask,
-        loss_type,
-        0.2,
-        0.28,
-        beta,
-        ref,
-        max_len=8,
-        num_items=30.0,
-        level=level,
-    )
-    assert abs(got.item() - expected) < 1e-5
-    assert ("kl" in metrics) == (beta > 0)
-
-
-def _hand_case():
-    # two rows: 2 real tokens with advantage 2, 1 real token with advantage -1; ratio 1
-    logp = mx.log(mx.array([[0.5, 0.25, 0.9, 0.9], [0.5, 0.9, 0.9, 0.9]]))
-    mask = mx.array([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    return logp, mx.array([2.0, -1.0]), mask
-
-
-@pytest.mark.parametrize(
-    "loss_type, extra, expected",
-    [
-        ("grpo", {}, (-2.0 + 1.0) / 2),  # per-row token means, then mean over rows
-        ("bnpo", {}, (-2.0 * 2 + 1.0) / 3),  # token mean over the batch
-        ("dr_grpo", {"max_completion_length": 4}, (-4.0 + 1.0) / (2 * 4)),
-        ("dapo", {"num_items_in_batch": 6.0}, (-4.0 + 1.0) / 6),  # whole generation batch
-        ("dapo", {}, (-4.0 + 1.0) / 3),  # defaults to this batch's tokens
-    ],
-)
-def test_each_loss_type_on_a_hand_worked_case(loss_type, extra, expected):
-    logp, adv, mask = _hand_case()
-    loss, _ = grpo_loss(
-        logp, logp, adv, mask, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, **extra
-    )
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
-
-
-def test_clipping_and_delta_on_hand_worked_ratios():
-    old = mx.zeros((1, 1))
-    kw = dict(loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.28)
-    ones = mx.ones((1, 1))
-    # ratio 2, A = +1: min(2, 1.28) -> -1.28
-    assert grpo_loss(mx.log(2 * ones), old, mx.array([1.0]), ones, **kw)[0].item() == (
-        pytest.approx(-1.28)
-    )
-    # ratio 0.5, A = -1: min(-0.5, -0.8) = -0.8 -> loss 0.8
-    assert grpo_loss(mx.log(0.5 * ones), old, mx.array([-1.0]), ones, **kw)[0].item() == (
-        pytest.approx(0.8)
-    )
-    # ratio 2, A = -1: unbounded -> loss 2; delta=1.5 caps it at 1.5
-    assert grpo_loss(mx.log(2 * ones), old, mx.array([-1.0]), ones, **kw)[0].item() == (
-        pytest.approx(2.0)
-    )
-    capped = grpo_loss(mx.log(2 * ones), old, mx.array([-1.0]), ones, delta=1.5, **kw)[0]
-    assert capped.item() == pytest.approx(1.5)
-
-
-def test_kl_is_k3_and_added_after_the_entropy_mask():
-    logp = mx.log(mx.array([[0.5, 0.2]]))
-    ref = mx.log(mx.array([[0.4, 0.3]]))
-    mask = mx.ones((1, 2))
-    diff = np.log([0.4, 0.3]) - np.log([0.5, 0.2])
-    k3 = np.exp(diff) - diff - 1
-    loss, metrics = grpo_loss(
-        logp,
-        logp,
-        mx.array([1.0]),
-        mask,
-        loss_type="bnpo",
-        epsilon_low=0.2,
-        epsilon_high=0.2,
-        beta=0.1,
-        ref_logprobs=ref,
-        entropy_mask=mx.zeros((1, 2)),
-    )
-    # the entropy mask zeroes the surrogate but not the KL term (TRL's order)
-    assert loss.item() == pytest.approx(0.1 * k3.mean(), rel=1e-5)
-    assert metrics["kl"].item() == pytest.approx(k3.mean(), rel=1e-5)
-
-
-def test_sequence_level_clip_metrics_are_row_means():
-    """TRL's masked_batch_mean: with (B, 1) sequence ratios the clip fraction is over rows."""
-    logp = mx.array([[np.log(2.0), np.log(2.0), np.log(2.0)], [0.0, 0.0, 0.0]])
-    mask = mx.array([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    _, metrics = grpo_loss(
-        logp,
-        mx.zeros((2, 3)),
-        mx.array([1.0, 1.0]),
-        mask,
-        loss_type="grpo",
-        epsilon_low=0.2,
-        epsilon_high=0.2,
-        importance_sampling_level="sequence",
-    )
-    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.5)  # 1 of 2 rows
-
-
-def test_clip_ratio_metrics_count_clipped_tokens():
-    logp = mx.log(mx.array([[2.0, 0.5, 1.0]]))  # ratios vs old=0: 2.0, 0.5, 1.0
-    old = mx.zeros((1, 3))
-    mask = mx.ones((1, 3))
-    _, pos = grpo_loss(
-        logp, old, mx.array([1.0]), mask, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.2
-    )
-    _, neg = grpo_loss(
-        logp, old, mx.array([-1.0]), mask, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.2
-    )
-    assert pos["clip_ratio/high_mean"].item() == pytest.approx(1 / 3)
-    assert pos["clip_ratio/low_mean"].item() == 0
-    assert neg["clip_ratio/low_mean"].item() == pytest.approx(1 / 3)
-    assert neg["clip_ratio/region_mean"].item() == pytest.approx(1 / 3)
-
-
-def test_ratio_one_loss_is_minus_mean_advantage():
-    """mu = 1: old = current, ratio 1, grpo loss = -mean(advantages) (TRL's documented value)."""
-    logp = mx.array(-np.random.default_rng(1).random((3, 4)).astype(np.float32))
-    adv = mx.array([0.5, -1.0, 2.0])
-    loss, _ = grpo_loss(
-        logp, logp, adv, mx.ones((3, 4)), loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2
-    )
-    assert loss.item() == pytest.approx(-np.mean([0.5, -1.0, 2.0]), abs=1e-6)
-
-
-def test_finite_difference_gradient():
-    logp, old, _, adv, mask = _case(seed=3, rows=2, steps=3)
-    old = logp + 0.05  # inside the clip range, where the loss is smooth
-
-    def loss_of(x):
-        return grpo_loss(
-            x,
-            mx.array(old),
-            mx.array(adv),
-            mx.array(mask),
-            loss_type="dapo",
-            epsilon_low=0.2,
-            epsilon_high=0.28,
-        )[0]
-
-    grad = np.array(mx.grad(loss_of)(mx.array(logp)))
-    eps = 1e-3
-    for i, j in [(0, 0), (1, 2), (0, 1)]:
-        plus, minus = logp.copy(), logp.copy()
-        plus[i, j] += eps
-        minus[i, j] -= eps
-        numeric = (loss_of(mx.array(plus)).item() - loss_of(mx.array(minus)).item()) / (2 * eps)
-        assert grad[i, j] == pytest.approx(numeric, abs=2e-3)
-
-
-def test_unknown_loss_type():
-    with pytest.raises(ValueError, match="loss_type 'ppo'"):
-        grpo_loss(
-            mx.zeros((1, 1)),
-            mx.zeros((1, 1)),
-            mx.zeros(1),
-            mx.ones((1, 1)),
-            loss_type="ppo",
-            epsilon_low=0.2,
-            epsilon_high=0.2,
-        )
 
 
 def _rollout(tiny, seed=0):
@@ -392,62 +183,233 @@ def _params_after(tiny_path, cfg, seed=0, truncate_rows=(), zero_rows=(), update
     return dict(tree_flatten(model.parameters())), metrics
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("micro", [4, 5])  # 5: unequal micro-batches (5, 5, 5, 1)
-def test_gradient_accumulation_equals_one_big_batch(tiny_path, loss_type, micro):
-    base = dict(loss_type=loss_type, max_grad_norm=0)
-    full, full_metrics = _params_after(tiny_path, TrainConfig(**base))
-    accumulated, acc_metrics = _params_after(tiny_path, TrainConfig(micro_batch_size=micro, **base))
-    assert full_metrics["grad_norm"] > 0
-    assert acc_metrics["grad_norm"] == pytest.approx(full_metrics["grad_norm"], rel=1e-4)
-    assert acc_metrics["loss"] == pytest.approx(full_metrics["loss"], rel=1e-4, abs=1e-7)
-    assert acc_metrics["entropy"] == pytest.approx(full_metrics["entropy"], rel=1e-5)
-    for name, value in full.items():
-        np.testing.assert_allclose(np.array(accumulated[name]), np.array(value), atol=1e-5)
+# -- the update against TRL's optimizer loop ---------------------------------------------------
 
 
-def test_steps_per_generation_matches_trl_buffer_reference(tiny_path):
-    """k=2, mu=2: the batch is shuffled once, split in two, and the parts are stepped through
-    twice with the generating policy's logprobs held fixed: 4 optimizer steps, reproduced here
-    step by step with grpo_loss."""
-    from stages.load_weights import load
+def _plain_forward(model, batch, rows, temperature):
+    """(len(rows), T) log-probs and entropies of each completion token at `temperature`, one
+    row at a time through the model's full logits (no packing, no gathered head): an
+    independent forward for the reference. 0 past each completion."""
+    mask = np.array(batch.completion_mask)
+    width = mask.shape[1]
+    logprobs, entropies = [], []
+    for row in rows:
+        prompt, n = batch.prompt_ids[row], int(mask[row].sum())
+        ids = np.array(batch.completion_ids[row])[:n].tolist()
+        logits = model(mx.array([prompt + ids]))[0, len(prompt) - 1 : len(prompt) - 1 + n]
+        logp = nn.log_softmax(logits.astype(mx.float32) / temperature, axis=-1)
+        picked = mx.take_along_axis(logp, mx.array(ids)[:, None], axis=-1)[:, 0]
+        entropy = -(mx.exp(logp) * logp).sum(-1)
+        pad = mx.zeros(width - n)
+        logprobs.append(mx.concatenate([picked, pad]))
+        entropies.append(mx.concatenate([entropy, pad]))
+    return mx.stack(logprobs), mx.stack(entropies)
 
-    cfg = TrainConfig(loss_type="grpo", steps_per_generation=2, num_iterations=2, max_grad_norm=0)
-    updated, metrics = _params_after(tiny_path, cfg, seed=2, update_seed=11)
 
-    model, tokenizer = load(tiny_path, dtype="float32")
-    batch, advantages = _rollout((model, tokenizer), seed=2)
-    packed = policy.pack(batch)
+def _trl_reference_update(model, batch, advantages, cfg, *, ref_model=None, seed=0):
+    """TRL 1.16's optimizer loop over one generation batch, built from tests/trl_reference.py:
+    the rows shuffled and split into TRL's micro-batches (steps_per_generation x accumulation
+    steps), each micro-batch's d loss / d log-probs from the NumPy transcription of
+    `_compute_loss` (trl_loss_grad), back-propagated through `_plain_forward`, SGD(lr=1), no
+    clipping. Returns (parameters, metrics as TRL logs them: micro-step values averaged)."""
+    temperature = batch.temperature or 1.0
+    n = batch.num_rows
+    every = np.arange(n)
+    mask = np.array(batch.completion_mask, dtype=np.float64)
+    truncated = np.array([r == "length" for r in batch.finish_reasons])
+    mask, _, num_items = trl_truncation_and_num_items(
+        mask, is_truncated=truncated, mask_truncated_completions=cfg.mask_truncated_completions
+    )
+    parts = cfg.steps_per_generation
+    accumulation = (n // parts) // (cfg.micro_batch_size or n // parts)
+    trl_steps_per_generation = parts * accumulation  # TRL's unit: micro-batches
+    order = np.random.default_rng(seed).permutation(n) if parts > 1 else every
+    micro = trl_split_generation_batch(n, trl_steps_per_generation, permutation=order)
+    correction = bool(cfg.vllm_importance_sampling_correction)
 
-    def logprobs_of(net, rows):
-        part = policy.take_rows(packed, rows)
-        return policy.token_logprobs(policy.completion_logits(net, part), part.completion_ids)
+    def values(net, rows):
+        logprobs, entropies = _plain_forward(net, batch, rows, temperature)
+        return np.array(logprobs, dtype=np.float64), np.array(entropies, dtype=np.float64)
 
-    every = mx.arange(batch.num_rows)
-    old = mx.stop_gradient(logprobs_of(model, every))
-    order = np.random.default_rng(11).permutation(batch.num_rows)
-    parts = [mx.array(order[:8]), mx.array(order[8:])]
+    old = values(model, every)[0] if cfg.num_iterations * parts > 1 or correction else None
+    ref = values(ref_model, every)[0] if cfg.beta else None
+    ratio, sampling = None, {}
+    if correction:
+        ratio, sampling = trl_vllm_importance_sampling(
+            old,
+            np.array(batch.logprobs, dtype=np.float64),
+            mask,
+            mode=cfg.vllm_importance_sampling_mode,
+            clip_min=cfg.vllm_importance_sampling_clip_min,
+            clip_max=cfg.sampler_clip_max,
+        )
+    adv = np.array(advantages, dtype=np.float64)
+    knobs = dict(
+        loss_type=cfg.loss_type,
+        epsilon_low=cfg.epsilon_low,
+        epsilon_high=cfg.epsilon_high,
+        beta=cfg.beta,
+        delta=cfg.delta,
+        importance_sampling_level=cfg.importance_sampling_level,
+        num_items_in_batch=num_items,
+        max_completion_length=mask.shape[1],
+        top_entropy_quantile=cfg.top_entropy_quantile,
+        use_bias_correction_kl=cfg.use_bias_correction_kl,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=trl_steps_per_generation,
+    )
     optimizer = optim.SGD(learning_rate=1.0)
-    for _ in range(2):
-        for rows in parts:
+    logged, losses = [], []
+    for _ in range(cfg.num_iterations):
+        for step in range(parts):
+            grads, step_loss = None, 0.0
+            for m in range(accumulation):
+                rows = micro[step * accumulation + m][0]
+                logprobs, entropies = values(model, rows)
+                inputs = dict(
+                    entropies=entropies,
+                    ref_logprobs=None if ref is None else ref[rows],
+                    importance_sampling_ratio=None if ratio is None else ratio[rows],
+                )
+                args = (logprobs, None if old is None else old[rows], adv[rows], mask[rows])
+                loss, metrics = trl_loss(*args, **inputs, **knobs)
+                cotangent = mx.array(trl_loss_grad(*args, **inputs, **knobs).astype(np.float32))
 
-            def loss_fn(net, rows=rows):
-                return grpo_loss(
-                    logprobs_of(net, rows),
-                    old[rows],
-                    advantages[rows],
-                    packed.completion_mask[rows],
-                    loss_type="grpo",
-                    epsilon_low=0.2,
-                    epsilon_high=0.28,
-                )[0]
+                def linear(net, rows=rows, cotangent=cotangent):
+                    return (_plain_forward(net, batch, rows, temperature)[0] * cotangent).sum()
 
-            _, grads = nn.value_and_grad(model, loss_fn)(model)
+                _, micro_grads = nn.value_and_grad(model, linear)(model)
+                if grads is not None:
+                    micro_grads = tree_map(lambda a, b: a + b, grads, micro_grads)
+                grads = micro_grads
+                step_loss += loss
+                logged.append(metrics)
             optimizer.update(model, grads)
             mx.eval(model.parameters())
-    assert metrics["optimizer_steps"] == 4
-    for name, value in dict(tree_flatten(model.parameters())).items():
-        np.testing.assert_allclose(np.array(updated[name]), np.array(value), atol=1e-5)
+            losses.append(step_loss)
+    metrics = {"loss": float(np.mean(losses)), **sampling}
+    for name in logged[0]:
+        finite = [m[name] for m in logged if m[name] is not None and not np.isnan(m[name])]
+        metrics[name] = float(np.mean(finite)) if finite else float("nan")
+    return dict(tree_flatten(model.parameters())), metrics
+
+
+REFERENCE_CASES = {
+    # dapo with two optimizer steps per generation batch: each divides by half the tokens
+    "dapo-spg2": dict(loss_type="dapo", steps_per_generation=2),
+    "dapo-spg2-mu2-micro4": dict(
+        loss_type="dapo", steps_per_generation=2, num_iterations=2, micro_batch_size=4
+    ),
+    "grpo-spg2-mu2": dict(loss_type="grpo", steps_per_generation=2, num_iterations=2),
+    # bnpo under accumulation: the mean of each micro-batch's token mean
+    "bnpo-micro4": dict(loss_type="bnpo", micro_batch_size=4, num_iterations=2),
+    "dr_grpo-spg2-micro4": dict(loss_type="dr_grpo", steps_per_generation=2, micro_batch_size=4),
+    # truncated completions masked: dapo counts its tokens after masking
+    "dapo-truncated": dict(loss_type="dapo", mask_truncated_completions=True, num_iterations=2),
+    # the high-entropy mask through the update, its quantile per micro-batch
+    "dapo-entropy-micro8": dict(
+        loss_type="dapo", top_entropy_quantile=0.3, micro_batch_size=8, num_iterations=2
+    ),
+    # KL to a reference, bias-corrected, after the policy moved
+    "grpo-beta-mu3": dict(loss_type="grpo", beta=0.1, num_iterations=3),
+    "dapo-beta-uncorrected": dict(
+        loss_type="dapo", beta=0.1, num_iterations=2, use_bias_correction_kl=False
+    ),
+    "grpo-delta-mu3-micro4": dict(
+        loss_type="grpo", delta=1.05, num_iterations=3, micro_batch_size=4, epsilon_high=0.28
+    ),
+    "cispo-spg2-mu2": dict(
+        loss_type="cispo", epsilon_high=1.1, steps_per_generation=2, num_iterations=2
+    ),
+    "sapo-mu2": dict(loss_type="sapo", num_iterations=2),
+    "luspo-sequence-mu2": dict(
+        loss_type="luspo", importance_sampling_level="sequence", num_iterations=2
+    ),
+    "vespo-spg2-mu2": dict(loss_type="vespo", steps_per_generation=2, num_iterations=2),
+    # the sampler importance-sampling correction (the rollout's own log-probs)
+    "dapo-is-token_truncate": dict(
+        loss_type="dapo",
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode="token_truncate",
+        vllm_importance_sampling_clip_max=1.1,
+        vllm_importance_sampling_clip_min=0.95,
+    ),
+    "grpo-is-sequence_mask-mu2": dict(
+        loss_type="grpo",
+        num_iterations=2,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_cap=1.3,
+    ),
+    "vespo-is-token_mask": dict(
+        loss_type="vespo",
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode="token_mask",
+        vllm_importance_sampling_clip_max=1.1,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_update_matches_trl_optimizer_loop(tiny_path, case):
+    from stages.load_weights import load
+
+    cfg = TrainConfig(max_grad_norm=0, **REFERENCE_CASES[case])
+    truncate = (0, 5, 9) if cfg.mask_truncated_completions else ()
+
+    def fresh():
+        model, tokenizer = load(tiny_path, dtype="float32")
+        batch, advantages = _rollout((model, tokenizer), seed=2)
+        for row in truncate:
+            batch.finish_reasons[row] = "length"
+        if cfg.vllm_importance_sampling_correction:
+            # an engine that rounds differently: its log-probs off by up to +-0.1 per token
+            noise = np.random.default_rng(3).uniform(-0.1, 0.1, size=batch.logprobs.shape)
+            batch.logprobs = batch.logprobs + mx.array(noise.astype(np.float32))
+        return model, batch, advantages
+
+    reference = load(tiny_path, dtype="float32")[0] if cfg.beta else None
+    model, batch, advantages = fresh()
+    got = grpo_update.update_step(
+        model, optim.SGD(learning_rate=1.0), batch, advantages, cfg, reference, seed=11
+    )
+    ours = dict(tree_flatten(model.parameters()))
+    model, batch, advantages = fresh()
+    want_params, want = _trl_reference_update(
+        model, batch, advantages, cfg, ref_model=reference, seed=11
+    )
+    for name, value in want_params.items():
+        np.testing.assert_allclose(np.array(ours[name]), np.array(value), atol=2e-5, err_msg=name)
+    assert got["optimizer_steps"] == cfg.num_iterations * cfg.steps_per_generation
+    assert set(want) <= set(got)
+    for name, value in want.items():
+        if np.isnan(value):
+            assert np.isnan(got[name]), name
+        else:
+            assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    moved = max(np.abs(np.array(ours[k]) - np.array(v)).max() for k, v in _start(tiny_path).items())
+    assert moved > 1e-3  # the update did something: the comparison is not vacuous
+
+
+def _start(tiny_path):
+    from stages.load_weights import load
+
+    return dict(tree_flatten(load(tiny_path, dtype="float32")[0].parameters()))
+
+
+@pytest.mark.parametrize(
+    "loss_type", ["grpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
+)
+@pytest.mark.parametrize("micro", [4, 5])  # 5: unequal micro-batches (5, 5, 5, 1)
+def test_gradient_accumulation_equals_one_big_batch(tiny_path, loss_type, micro):
+    """Every loss type but bnpo (TRL's bnpo is a mean of micro-batch token means, above)."""
+    base = dict(loss_type=loss_type, max_grad_norm=0, num_iterations=2)
+    full, full_metrics = _params_after(tiny_path, TrainConfig(**base))
+    accumulated, acc_metrics = _params_after(tiny_path, TrainConfig(micro_batch_size=micro, **base))
+    assert full_metrics["grad_norm"] > 1e-3
+    assert acc_metrics["grad_norm"] == pytest.approx(full_metrics["grad_norm"], rel=1e-4)
+    assert acc_metrics["loss"] == pytest.approx(full_metrics["loss"], rel=1e-4, abs=1e-7)
+    for name, value in full.items():
+        np.testing.assert_allclose(np.array(accumulated[name]), np.array(value), atol=1e-5)
 
 
 def test_steps_per_generation_must_divide_the_batch(tiny):
@@ -458,81 +420,87 @@ def test_steps_per_generation_must_divide_the_batch(tiny):
         )
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_mask_truncated_completions_removes_their_gradient(tiny_path, loss_type):
-    """grpo averages rows and dapo divides by the batch's tokens (truncated ones included, as
-    TRL's num_items_in_batch), so masking rows = giving them advantage 0."""
+def test_mask_truncated_completions_hand_worked(tiny_path):
+    """Masking rows is giving them advantage 0, and dapo then divides by the tokens that are
+    left (TRL counts num_items_in_batch after masking): with SGD(lr=1) the change of the weights
+    is the gradient, so masked = zeroed x (all tokens / tokens left). grpo averages over rows,
+    masked or not: masked = zeroed."""
+    from stages.load_weights import load
+
     cut = (0, 5, 9)
-    base = dict(loss_type=loss_type, max_grad_norm=0)
-    masked, _ = _params_after(
-        tiny_path, TrainConfig(mask_truncated_completions=True, **base), truncate_rows=cut
-    )
-    zeroed, _ = _params_after(tiny_path, TrainConfig(**base), zero_rows=cut)
-    unmasked, _ = _params_after(tiny_path, TrainConfig(**base), truncate_rows=cut)
-    name = next(iter(masked))
-    for key, value in masked.items():
-        np.testing.assert_allclose(np.array(value), np.array(zeroed[key]), atol=1e-6)
-    assert not np.allclose(np.array(masked[name]), np.array(unmasked[name]), atol=1e-7)
+    start = _start(tiny_path)
+    batch, _ = _rollout(load(tiny_path, dtype="float32"), seed=0)
+    lengths = np.array(batch.completion_mask).sum(axis=1)
+    kept_share = lengths.sum() / np.delete(lengths, cut).sum()
+    for loss_type, factor in (("dapo", kept_share), ("grpo", 1.0)):
+        base = dict(loss_type=loss_type, max_grad_norm=0)
+        masked, _ = _params_after(
+            tiny_path, TrainConfig(mask_truncated_completions=True, **base), truncate_rows=cut
+        )
+        zeroed, _ = _params_after(tiny_path, TrainConfig(**base), zero_rows=cut)
+        for key, value in masked.items():
+            np.testing.assert_allclose(
+                np.array(value) - np.array(start[key]),
+                factor * (np.array(zeroed[key]) - np.array(start[key])),
+                atol=1e-6,
+                err_msg=f"{loss_type} {key}",
+            )
+    assert kept_share > 1.2  # the masked rows hold a real share of the tokens
 
 
-def test_update_raises_logprob_of_advantaged_completions(tiny):
-    model, tokenizer = tiny
-    batch, advantages = _rollout(tiny, seed=4)
-    packed = policy.pack(batch)
-
-    def weighted_logprob():
-        lp = policy.token_logprobs(policy.completion_logits(model, packed), packed.completion_ids)
-        return ((lp * packed.completion_mask).sum(axis=1) * advantages).sum().item()
-
-    before = weighted_logprob()
-    optimizer = grpo_update.make_optimizer(1e-3)
-    metrics = grpo_update.update_step(model, optimizer, batch, advantages, TrainConfig())
-    assert weighted_logprob() > before
-    assert metrics["grad_norm"] > 0 and metrics["entropy"] > 0
-    assert set(metrics) >= {
-        "loss",
-        "grad_norm",
-        "learning_rate",
-        "entropy",
-        "clip_ratio/low_mean",
-        "clip_ratio/low_min",
-        "clip_ratio/high_mean",
-        "clip_ratio/high_max",
-        "clip_ratio/region_mean",
+def test_update_logs_trl_metric_names(tiny_path):
+    cases = {
+        "dapo": {"clip_ratio/low_mean", "clip_ratio/low_min", "clip_ratio/high_mean",
+                 "clip_ratio/high_max", "clip_ratio/region_mean"},
+        "cispo": {"cispo_clip_ratio"},
+        "vespo": {"vespo/phi_seq_mean"},
+        "sapo": set(),
+    }  # fmt: skip
+    common = {"loss", "grad_norm", "learning_rate", "entropy", "optimizer_steps"}
+    for loss_type, names in cases.items():
+        _, metrics = _params_after(tiny_path, TrainConfig(loss_type=loss_type))
+        assert set(metrics) == common | names, loss_type
+    _, metrics = _params_after(tiny_path, TrainConfig(vllm_importance_sampling_correction=True))
+    assert {name for name in metrics if name.startswith("sampling/")} == {
+        "sampling/sampling_logp_difference/mean",
+        "sampling/sampling_logp_difference/max",
+        "sampling/importance_sampling_ratio/min",
+        "sampling/importance_sampling_ratio/mean",
+        "sampling/importance_sampling_ratio/max",
     }
 
 
-def test_clip_min_max_are_over_micro_batches(tiny_path):
-    """After a big first step, later steps clip: low_min / high_max bound the means."""
-    cfg = TrainConfig(num_iterations=3, micro_batch_size=4, max_grad_norm=0, loss_type="grpo")
-    _, metrics = _params_after(tiny_path, cfg, seed=3)
-    assert metrics["clip_ratio/high_max"] > 0 or metrics["clip_ratio/low_mean"] > 0
-    assert metrics["clip_ratio/low_min"] <= metrics["clip_ratio/low_mean"]
-    assert metrics["clip_ratio/high_max"] >= metrics["clip_ratio/high_mean"]
-    assert metrics["optimizer_steps"] == 3
-
-
-def test_num_iterations_and_kl_to_reference(tiny_path):
+def test_num_iterations_steps_the_optimizer_each_time(tiny_path):
     from stages.load_weights import load
 
     model, tokenizer = load(tiny_path)
-    reference, _ = load(tiny_path)
-    reference.freeze()
     batch, advantages = _rollout((model, tokenizer))
     optimizer = grpo_update.make_optimizer(1e-2)
     metrics = grpo_update.update_step(
-        model, optimizer, batch, advantages, TrainConfig(num_iterations=3, beta=0.1), reference
+        model, optimizer, batch, advantages, TrainConfig(num_iterations=3)
     )
-    # After the first of 3 steps the policy has moved: KL > 0 on average.
-    assert metrics["kl"] > 0
-    assert optimizer.state["step"].item() == 3
+    assert optimizer.state["step"].item() == 3 and metrics["optimizer_steps"] == 3
+
+
+def test_adamw_corrects_its_bias_as_torch():
+    """Hand-worked first step of torch's AdamW: m = (1 - b1) g, v = (1 - b2) g^2, bias-corrected
+    to g and g^2, so the step is lr * g / (|g| + eps): lr in the direction of each sign."""
+    optimizer = grpo_update.make_optimizer(0.1, weight_decay=0.0)
+    params = {"w": mx.array([1.0, -2.0, 3.0])}
+    grads = {"w": mx.array([0.5, -0.01, 4.0])}
+    updated = optimizer.apply_gradients(grads, params)
+    g = np.array([0.5, -0.01, 4.0])
+    np.testing.assert_allclose(
+        np.array(updated["w"]), np.array([1.0, -2.0, 3.0]) - 0.1 * g / (np.abs(g) + 1e-8), rtol=1e-6
+    )
 
 
 def test_schedules_with_warmup():
     optimizer = grpo_update.make_optimizer(1.0, schedule="cosine", warmup_steps=2, total_steps=6)
     schedule = optimizer._schedulers["learning_rate"]
     values = [schedule(mx.array(s)).item() for s in range(7)]
-    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(0.75)
-    assert values[2] == pytest.approx(1.0) and values[-1] < 0.2
+    # warmup from lr / 2 to lr over 2 steps, then cosine over the 4 left
+    cosine = [0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(5)]
+    np.testing.assert_allclose(values, [0.5, 0.75, *cosine], atol=1e-6)
     with pytest.raises(ValueError, match="lr schedule"):
         grpo_update.make_optimizer(1.0, schedule="step")

@@ -114,7 +114,9 @@ def test_update_with_the_blocked_head_equals_the_unchunked_update(
     want_grads, want = _update(tiny_path, cfg, monkeypatch, _unchunked)
     blocked = lambda *a, **k: real(*a, block=7, **k)  # noqa: E731  (several blocks of 64)
     got_grads, got = _update(tiny_path, cfg, monkeypatch, blocked)
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-9)
+    # cispo and vespo losses are sums of advantage x log-prob whose terms cancel (advantages
+    # are zero-mean per group): their float32 rounding is absolute, of the size of the terms.
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
     assert got["entropy"] == pytest.approx(want["entropy"], rel=1e-5)
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert max(float(np.abs(np.array(v)).max()) for v in want_grads.values()) > 1e-4

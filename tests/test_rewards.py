@@ -37,17 +37,34 @@ def test_builtin_rewards():
 
 MATH_CASES = [
     # (completion, reference, expected)
+    # the issue's cases: the reference is parsed as itself, never by its last number
+    ("\\boxed{\\frac{14}{3}}", "\\frac{14}{3}", 1.0),
+    ("\\boxed{3}", "\\frac{14}{3}", 0.0),
+    ("\\boxed{2}", "\\sqrt{2}", 0.0),
+    ("\\boxed{\\sqrt{2}}", "\\sqrt{2}", 1.0),
+    ("\\boxed{1}", "x^2+1", 0.0),
+    ("\\frac{3}{4}", "0.75", 1.0),
+    ("\\boxed{x^2 + 1}", "\\boxed{x^2+1}", 1.0),
+    # MATH-style references: a solution ending in \boxed{}, or a bare LaTeX answer column
+    ("so \\boxed{\\dfrac{\\pi}{2}}", "The angle is $\\boxed{\\frac{\\pi}{2}}$.", 1.0),
+    ("The answer is \\boxed{2\\sqrt{3}}", "2\\sqrt{3}", 1.0),
+    ("The answer is \\boxed{\\sqrt{12}}", "2\\sqrt{3}", 1.0),  # equal by value
+    ("\\boxed{(1,2)}", "(1,2)", 1.0),
+    ("\\boxed{[1,2]}", "(1,2)", 0.0),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", 1.0),
+    ("\\boxed{90^\\circ}", "90", 1.0),
+    # GSM8K: "#### n" in the reference (and in completions)
     ("so the total is \\boxed{1,000}.", "#### 1000", 1.0),
     ("The answer: 3.50", "#### 3.5", 1.0),
     ("#### 42", "42", 1.0),
-    ("first 12, then 13", "#### 13", 1.0),  # last number
+    ("48 + 24 = 72\n#### 72\nthat is 3 more than 69", "Natalia sold ... clips.\n#### 72", 1.0),
+    ("first 12, then 13", "#### 13", 1.0),  # the last number
     ("first 13, then 12", "#### 13", 0.0),
     ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("\\boxed{x^2 + 1}", "\\boxed{x^2+1}", 0.0),  # text compare keeps spaces inside
     ("\\boxed{\\text{yes}}", "\\boxed{\\text{yes}}", 1.0),
     ("<answer>It is $1,234.</answer>", "#### 1234", 1.0),
+    ("<answer>7</answer>", "#### 7", 1.0),
     ("costs $5 each, 20% off, so 4", "#### 4", 1.0),
-    ("no answer here", "#### 3", 0.0),
     ("-7", "#### -7", 1.0),
     ("\\boxed{12} wait no, 13", "#### 12", 1.0),  # boxed wins over later numbers
     ("1,000,000", "1000000", 1.0),
@@ -60,6 +77,46 @@ def test_math_answer_on_tricky_strings(completion, reference, expected):
     assert rewards.math_answer([""], [completion], [reference]) == [expected]
 
 
+def test_math_answer_parse_failures_are_zero_or_none_and_counted():
+    """A completion math-verify cannot parse scores 0 and counts as a parse failure; a reference
+    it cannot parse gives None (TRL's accuracy_reward) and is counted apart. Nothing raises."""
+    logged = {}
+    got = rewards.math_answer(
+        [""] * 5,
+        ["no answer here", "\\boxed{", "", "\\boxed{5}", "\\boxed{5}"],
+        ["#### 3", "5", "5", "hello", ""],
+        log_metric=lambda name, value: logged.__setitem__(name, value),
+    )
+    assert got == [0.0, 0.0, 0.0, None, None]
+    assert logged == {
+        "rewards/math_answer/parse_failures": 3.0,
+        "rewards/math_answer/reference_parse_failures": 2.0,
+    }
+
+
+def test_math_answer_counts_reach_the_reward_metrics(tiny):
+    batch = _batch(["\\boxed{5}", "nothing", "5", "x"], ["5", "5", "what", "#### 2"])
+    logged = {}
+    scores, failures = rewards.run_rewards(
+        batch, [rewards.math_answer], ["math_answer"], metrics=logged
+    )
+    values = np.array(scores)[:, 0]
+    assert values[[0, 1, 3]].tolist() == [1.0, 0.0, 0.0] and np.isnan(values[2])
+    assert not failures
+    assert logged == {
+        "rewards/math_answer/parse_failures": 2.0,
+        "rewards/math_answer/reference_parse_failures": 1.0,
+    }
+
+
+def test_math_answer_runs_off_the_main_thread():
+    """math-verify's time limits need the main thread (SIGALRM); a reward.timeout runs the
+    function on a helper thread, where math_answer must still score, not raise."""
+    batch = _batch(["\\boxed{\\frac{1}{2}}", "0.4"], ["0.5", "0.5"])
+    scores, failures = rewards.run_rewards(batch, [rewards.math_answer], ["m"], timeout=30)
+    assert np.array(scores)[:, 0].tolist() == [1.0, 0.0] and not failures
+
+
 def test_number_parsing():
     assert rewards.parse_number("1,000") == 1000.0
     assert rewards.parse_number(" $3.50. ") == 3.5
@@ -68,8 +125,9 @@ def test_number_parsing():
     assert rewards.parse_number("-\\frac{1}{2}") == -0.5
     assert rewards.parse_number("1/0") is None
     assert rewards.parse_number("abc") is None and rewards.parse_number("inf") is None
-    assert rewards.last_boxed("\\boxed{a{b}c} and \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert rewards.last_boxed("\\boxed{unclosed") is None
+    assert rewards.answer_region("a \\boxed{1} b") == "a \\boxed{1} b"
+    assert rewards.answer_region("work\n#### 72\nmore") == "72"
+    assert rewards.answer_region("<answer>1</answer> <answer> 2 </answer>") == "2"
 
 
 def test_format_rewards_strict_soft_and_trl_think():

@@ -176,3 +176,33 @@ def test_processes_with_different_configs_stop_at_start(tmp_path):
     assert "error: ranks [1] have a different resolved config than rank 0" in result.stderr
     assert "exited with code 2" in result.stderr
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_dynamic_sampling_two_processes_keep_the_same_groups_as_one(tmp_path):
+    """Every rank decides on the gathered rewards, so both keep the same groups; the kept groups
+    are shared out equally whichever rank generated them: the same weights, the same data
+    position (with resampled rounds) and the same per-step rewards as one process."""
+    from stages import checkpoint
+
+    import numpy as np
+
+    overrides = (*TINY, "train.dynamic_sampling=true", "train.max_resample_rounds=2")
+    one = run(tmp_path / "one", *overrides)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(tmp_path / "two", *overrides, processes=2)
+    assert two.stdout.count("done: 3 steps") == 1, two.stdout[-2000:] + two.stderr[-3000:]
+    single = tmp_path / "one" / ROOT / "step-00000003"
+    parallel = tmp_path / "two" / ROOT / "step-00000003"
+    position = checkpoint.load_state(single)["data_position"]
+    assert position > 3 * 4 and checkpoint.load_state(parallel)["data_position"] == position
+    for a, b in zip(
+        checkpoint.load_state(single)["history"],
+        checkpoint.load_state(parallel)["history"],
+        strict=True,
+    ):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+    expected = _weights(single)
+    for name, value in _weights(parallel).items():
+        np.testing.assert_allclose(
+            np.array(value), np.array(expected[name]), atol=1e-5, rtol=0, err_msg=name
+        )
