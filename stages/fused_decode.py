@@ -424,3 +424,105 @@ class FusedDecoder:
     def decode(self, tokens: mx.array) -> mx.array:
         """One step: tokens (n,) -> logits (n, V) of the next position."""
         return self.head(self._forward(tokens[:, None]))[:, -1, :]
+
+
+class RaggedDecoder(FusedDecoder):
+    """The fused engine for multi-turn rollouts: rows of one batch at different lengths.
+
+    After the shared prefill every row has its own next cache column (`row_end`): `decode`
+    writes each row's token at its own column, with RoPE at the row's own position, and
+    `append(rows, tokens)` writes a few rows' tool-result tokens (different counts per row)
+    into those rows' next columns while the other rows stay where they are. A row attends to
+    its columns from its left padding to its last written one (a mask per row and query), so
+    nothing is ever re-prefilled. The last column of the cache is scratch: padding positions of
+    an `append` and rows that finished but are still in the batch write there, and no row that
+    is still generating reads it.
+
+    prefill(tokens, padding, new_tokens) -> logits (P, V), as FusedDecoder, with room for
+    `new_tokens` more tokens per row; filter(index) keeps rows; decode(tokens (n,)) -> logits
+    (n, V); append(rows (k,), tokens: k lists) -> logits (k, V) at each row's last new token.
+    """
+
+    def prefill(self, tokens: mx.array, padding: list[int], new_tokens: int) -> mx.array:
+        logits = super().prefill(tokens, padding, new_tokens + 1)  # + the scratch column
+        self.row_end = np.full(tokens.shape[0], self.end, dtype=np.int64)
+        return logits
+
+    def filter(self, index: mx.array) -> None:
+        super().filter(index)
+        self.row_end = self.row_end[np.array(index)]
+
+    @property
+    def scratch(self) -> int:
+        return self.capacity - 1
+
+    def _ragged_forward(self, tokens: mx.array, columns: np.ndarray, rows: mx.array | None):
+        """Hidden states (n, L, D) of `tokens` (n, L) written at cache `columns` (n, L) of the
+        batch rows `rows` (None: every row, in order); columns are each row's consecutive
+        positions (or the scratch column for padding)."""
+        n, L = tokens.shape
+        padding = self.left_padding if rows is None else self.left_padding[np.array(rows)]
+        first = columns[:, 0]
+        # Each query j of row r sees columns [left padding r, first r + j]; the scratch column
+        # is past every real one, so a padding query sees its row's real columns and no more.
+        last = np.minimum(first[:, None] + np.arange(L)[None, :], self.scratch)
+        hi = int(last.max()) + 1
+        span = np.arange(self.start, hi)
+        mask = (span[None, None, :] >= padding[:, None, None]) & (
+            span[None, None, :] <= last[:, :, None]
+        )
+        mask = mx.array(mask[:, None])  # (n, 1, L, columns)
+        offsets = mx.array((first - padding).astype(np.int32))  # RoPE position of token 0
+        index = mx.array(np.broadcast_to(columns[:, None, :, None], (n, 1, L, 1)).astype(np.int32))
+        compiled = self.compiled and L == 1
+        h = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            queries, keys, values = block.pre(h, offsets, compiled)
+            if self.keys[i] is None:
+                raise RuntimeError("RaggedDecoder.decode/append before prefill")
+            cache_k = self.keys[i] if rows is None else self.keys[i][rows]
+            cache_v = self.values[i] if rows is None else self.values[i][rows]
+            at = mx.broadcast_to(index, keys.shape[:2] + (L, keys.shape[3]))
+            cache_k = mx.put_along_axis(cache_k, at, keys, axis=2)
+            at = mx.broadcast_to(index, values.shape[:2] + (L, values.shape[3]))
+            cache_v = mx.put_along_axis(cache_v, at, values, axis=2)
+            if rows is None:
+                self.keys[i], self.values[i] = cache_k, cache_v
+            else:
+                self.keys[i][rows] = cache_k
+                self.values[i][rows] = cache_v
+            attention = mx.fast.scaled_dot_product_attention(
+                queries,
+                cache_k[..., self.start : hi, :],
+                cache_v[..., self.start : hi, :],
+                scale=block.spec.scale,
+                mask=mask,
+            )
+            h = block.post(h, attention, compiled)
+        return mx.fast.rms_norm(h, *self.norm)
+
+    def decode(self, tokens: mx.array) -> mx.array:
+        """One token per row, each at its own next column: tokens (n,) -> logits (n, V)."""
+        columns = np.minimum(self.row_end, self.scratch)[:, None]
+        hidden = self._ragged_forward(tokens[:, None], columns, None)
+        self.row_end = self.row_end + 1
+        return self.head(hidden[:, -1, :])
+
+    def append(self, rows: np.ndarray, tokens: list[list[int]]) -> mx.array:
+        """Write `tokens[i]` (any number per row) at the next columns of batch row `rows[i]`;
+        returns the logits (k, V) after each row's last new token."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+        width = int(lengths.max())
+        if (self.row_end[rows] + lengths > self.scratch).any():
+            raise ValueError("append: the tokens do not fit in the cache allocated at prefill")
+        ids = np.zeros((len(rows), width), dtype=np.int32)
+        columns = np.full((len(rows), width), self.scratch, dtype=np.int64)
+        for i, (row, row_tokens) in enumerate(zip(rows, tokens)):
+            ids[i, : len(row_tokens)] = row_tokens
+            columns[i, : len(row_tokens)] = self.row_end[row] + np.arange(len(row_tokens))
+        hidden = self._ragged_forward(mx.array(ids), columns, mx.array(rows))
+        self.row_end[rows] += lengths
+        last = mx.array((lengths - 1).astype(np.int32))
+        picked = mx.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self.head(picked)
