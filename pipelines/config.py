@@ -167,6 +167,24 @@ def _check_across_sections(cfg: GRPOConfig) -> None:
     )
     funcs = cfg.reward.funcs
     check(
+        bool(funcs) or r.environment_factory is not None,
+        "reward.funcs",
+        {},
+        "at least one reward function (or a rollout.environment_factory with get_reward)",
+    )
+    check(
+        not r.rollout_func or r.logprobs_source == "sampler",
+        "rollout.logprobs_source",
+        r.logprobs_source,
+        "sampler with rollout.rollout_func (its log-probs are the function's)",
+    )
+    check(
+        cfg.data.source != "builtin:none" or r.environment_factory is not None,
+        "data.source",
+        cfg.data.source,
+        "a dataset, unless rollout.environment_factory makes the prompts (builtin:none)",
+    )
+    check(
         cfg.eval.accuracy_reward is None or cfg.eval.accuracy_reward in funcs,
         "eval.accuracy_reward",
         cfg.eval.accuracy_reward,

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages import checkpoint, data, distributed, grpo_update, lora, rewards, rollout
+from stages import checkpoint, data, distributed, grpo_update, lora, multiturn, rewards, rollout
 from stages.advantages import informative_groups
 from stages.backend import blas
 from stages.rollout import step_seed
@@ -32,6 +32,7 @@ from pipelines.inputs import (
     encode_prompts,
     load_data,
     load_policy,
+    multi_turn,
     preflight,
     resume_point,
     reward_funcs,
@@ -85,6 +86,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         tracker.set_tags({"blas": blas(), "output_dir": str(output_dir.resolve())})
 
         model, tokenizer, ref_model = load_policy(cfg, resume_from, run_tasks)
+        turns = multi_turn(cfg, tokenizer)  # tools, environments or rollout_func; None: one turn
         funcs = reward_funcs(cfg)
         rows, eval_rows = load_data(cfg)
         eval_prompts = encode_prompts(tokenizer, eval_rows, cfg) if world.is_main else []
@@ -142,7 +144,8 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             Returns (this rank's batch, its scores, every rank's scores)."""
             mine = distributed.shard(t.prompts_per_step, world)  # every rank reads them all
             batch_rows = stream.next_batch(t.prompts_per_step)[mine]
-            prompts = encode_prompts(tokenizer, batch_rows, cfg)
+            # multi-turn rollouts encode each row's prompt themselves (tools, observations)
+            prompts = batch_rows if turns else encode_prompts(tokenizer, batch_rows, cfg)
             batch = run_tasks.rollout_task(
                 model,
                 tokenizer,
@@ -150,11 +153,14 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
                 cfg.rollout,
                 tracker,
                 step,
+                turns=turns,
+                world=world,
                 seed=step_seed(cfg.run.seed, step, round_index=round_index),
                 row_offset=mine.start * group,
                 total_rows=t.prompts_per_step * group,
             )
-            batch.with_columns(batch_rows)
+            if turns is None:
+                batch.with_columns(batch_rows)
             scores = run_tasks.rewards_task(batch, funcs, cfg.reward, tracker, step)
             return batch, scores, distributed.all_gather(scores, world)
 
@@ -249,17 +255,19 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             history.append({"step": step, "reward": mean_reward, "loss": metrics["loss"]})
             every = cfg.mlflow.log_completions_every
             if every and step % every == 0:
-                tracker.log_table(
-                    {
-                        "step": [step] * batch.num_rows,
-                        "prompt": batch.prompt_texts,
-                        "completion": batch.texts,
-                        "reward": rewards.combine(scores, funcs.weights).tolist(),
-                        "advantage": advantages.tolist(),
-                        "finish_reason": batch.finish_reasons,
-                    },
-                    f"completions/step_{step:06d}.json",
-                )
+                table = {
+                    "step": [step] * batch.num_rows,
+                    "prompt": batch.prompt_texts,
+                    "completion": batch.texts,
+                    "reward": rewards.combine(scores, funcs.weights).tolist(),
+                    "advantage": advantages.tolist(),
+                    "finish_reason": batch.finish_reasons,
+                }
+                if batch.conversations is not None:  # multi-turn: the messages, tool calls
+                    table["conversation"] = multiturn.conversation_json(batch)
+                if batch.tool_counts is not None:
+                    table["tool_calls"] = batch.tool_counts["calls"]
+                tracker.log_table(table, f"completions/step_{step:06d}.json")
             progress.set_postfix(
                 reward=f"{history[-1]['reward']:.3f}", loss=f"{metrics['loss']:.4f}", refresh=False
             )
@@ -280,6 +288,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
                     step_seed(cfg.run.seed, done, "eval"),
                     rank_tracker,
                     done,
+                    turns,
                 )
             if done % cfg.checkpoint.every == 0 or done == t.steps or guard.stop_requested:
                 last_saved = save(done, direct=guard.stop_requested)

@@ -1,8 +1,9 @@
 """The user's inputs to a run, checked before anything starts and then loaded.
 
 `preflight(cfg)` checks every input a user can get wrong (the resume point, the model directory,
-the data and the columns the reward functions need) and raises `InputError` with one line naming
-the problem, before the flow starts or any weights load. The loaders below are what the training
+the data and the columns the reward functions need, tools, environments and the chat template's
+tool support) and raises `InputError` with one line naming the problem, before the flow starts
+or any weights load. The loaders below are what the training
 loop calls to get the policy, the data and the reward functions.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import data, load_weights, lora, rewards
+from stages import data, load_weights, lora, multiturn, rewards, tools
 
 from pipelines import resume
 from pipelines.config import GRPOConfig
@@ -21,9 +22,46 @@ class InputError(ValueError):
 
 
 def reward_funcs(cfg: GRPOConfig) -> rewards.RewardFuncs:
+    """reward.funcs, plus (TRL) the environment's get_reward as a function named after its
+    class, weight 1, when rollout.environment_factory's class has one."""
     try:
-        return rewards.resolve_funcs(cfg.reward)
+        funcs = rewards.resolve_funcs(cfg.reward)
+        if cfg.rollout.environment_factory:
+            factory = tools.resolve_environment_factory(cfg.rollout.environment_factory)
+            extra = tools.environment_reward(factory)
+            if extra is not None:
+                funcs.funcs.append(extra)
+                funcs.names.append(extra.__name__)
+                funcs.weights.append(1.0)
     except ValueError as error:
+        raise InputError(str(error)) from None
+    if not funcs.funcs:
+        raise InputError(
+            f"rollout.environment_factory {cfg.rollout.environment_factory} has no get_reward() "
+            "and reward.funcs is empty: give a reward function"
+        )
+    return funcs
+
+
+def multi_turn(cfg: GRPOConfig, tokenizer=None) -> multiturn.MultiTurn | None:
+    """The run's tools, environment or rollout_func (rollout.*), checked: tools import and have
+    schemas, the environment has reset, the chat template renders tool calls and results.
+    None for single-turn runs. `tokenizer`: the model's (loaded from model.path if None)."""
+    r = cfg.rollout
+    if not (r.multi_turn or r.rollout_func):
+        return None
+    try:
+        if tokenizer is None:
+            from mlx_lm.utils import load_tokenizer
+
+            tokenizer = load_tokenizer(load_weights.resolve_path(cfg.model.path))
+        return multiturn.setup(
+            r,
+            tokenizer,
+            system_prompt=cfg.data.system_prompt,
+            template_kwargs=dict(cfg.data.chat_template_kwargs),
+        )
+    except (OSError, ValueError) as error:
         raise InputError(str(error)) from None
 
 
@@ -83,6 +121,7 @@ def preflight(cfg: GRPOConfig) -> None:
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from None
     load_data(cfg)
+    multi_turn(cfg)
 
 
 def load_policy(cfg: GRPOConfig, resume_from: Path | None, tasks):

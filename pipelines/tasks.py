@@ -11,7 +11,16 @@ from __future__ import annotations
 import sys
 import time
 
-from stages import advantages, checkpoint, evaluate, grpo_update, load_weights, rewards, rollout
+from stages import (
+    advantages,
+    checkpoint,
+    evaluate,
+    grpo_update,
+    load_weights,
+    multiturn,
+    rewards,
+    rollout,
+)
 
 import mlx.core as mx
 from prefect import task
@@ -32,18 +41,25 @@ def load_weights_task(path: str, dtype: str):
 def rollout_task(
     model,
     tokenizer,
-    prompts: list[list[int]],
+    prompts: list,
     cfg: rollout.RolloutConfig,
     tracker: Tracker,
     step: int,
+    turns: multiturn.MultiTurn | None = None,
+    world=None,
     **placement,
 ) -> rollout.RolloutBatch:
-    """`placement`: generate_rollouts' seed, row_offset and total_rows."""
+    """`prompts`: token ids (single-turn), or with `turns` (tools, environments, rollout_func)
+    the dataset rows. `placement`: generate_rollouts' seed, row_offset and total_rows."""
     start = time.perf_counter()
-    batch = rollout.generate_rollouts(model, tokenizer, prompts, cfg, **placement)
+    if turns is None:
+        batch = rollout.generate_rollouts(model, tokenizer, prompts, cfg, **placement)
+    else:
+        batch = multiturn.generate(model, tokenizer, prompts, cfg, turns, **placement)
     seconds = time.perf_counter() - start
     metrics = rollout.rollout_metrics(batch)
-    metrics["rollout/tokens_per_s"] = batch.completion_mask.sum().item() / seconds
+    metrics.update(multiturn.tool_metrics(batch, world))
+    metrics["rollout/tokens_per_s"] = batch.generated_mask.sum().item() / seconds
     metrics["rollout/seconds"] = seconds
     metrics["rollout/engine_bytes"] = batch.engine_bytes
     tracker.log_metrics(metrics, step)
@@ -110,9 +126,10 @@ def evaluate_task(
     seed: int,
     tracker: Tracker,
     step: int,
+    turns: multiturn.MultiTurn | None = None,
 ) -> dict[str, float]:
     """Evaluate on held-out rows (`prompts`: their token ids) after `step` training steps; log
-    eval/* and a table of example completions."""
+    eval/* and a table of example completions. `turns`: the run's tools or environment."""
     start = time.perf_counter()
     result = evaluate.evaluate(
         model,
@@ -127,6 +144,7 @@ def evaluate_task(
         seed=seed,
         timeout=reward_cfg.timeout,
         on_error=reward_cfg.on_error,
+        turns=turns,
     )
     metrics = dict(result.metrics)
     failures = _report_failures(result.failures, funcs.names, "eval")

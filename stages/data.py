@@ -16,6 +16,8 @@ from stages.settings import MISSING, check, setting
 import numpy as np
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_TOOL_ARITHMETIC = "builtin:tool_arithmetic"  # the tools quickstart's task
+BUILTIN_NONE = "builtin:none"  # no dataset: an environment's reset() makes each prompt
 
 
 @dataclass
@@ -23,7 +25,9 @@ class DataConfig:
     """`data.*`: where the prompts come from and how they are encoded."""
 
     source: str = setting(
-        MISSING, "builtin:arithmetic, or a .jsonl/.json/.csv/.parquet file or save_to_disk folder"
+        MISSING,
+        "builtin:arithmetic | builtin:tool_arithmetic | builtin:none (an environment makes the "
+        "prompts), or a .jsonl/.json/.csv/.parquet file or save_to_disk folder",
     )
     prompt_column: str = setting("prompt", "the column holding the prompt (text or chat)")
     num_rows: int = setting(512, "rows generated for the built-in task (ignored for files)")
@@ -64,6 +68,25 @@ def arithmetic_rows(n: int, seed: int = 0, max_operand: int = 4) -> list[dict]:
     return [{"prompt": f"{x}+{y}=", "answer": str(x + y)} for x, y in zip(a.tolist(), b.tolist())]
 
 
+def tool_arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """The tools quickstart's task: "a+b=" with three-digit a, b; the answer is the sum.
+
+    The built-in tiny model cannot add three-digit numbers from its weights (a 2-layer model
+    with 64 dimensions, trained on no sums); with the `add` tool it only has to copy the
+    operands into the call and the tool's result into its answer.
+    """
+    rng = np.random.default_rng([seed, 3])
+    a = rng.integers(100, 1000, size=n)
+    b = rng.integers(100, 1000, size=n)
+    return [{"prompt": f"{x}+{y}=", "answer": str(x + y)} for x, y in zip(a.tolist(), b.tolist())]
+
+
+def placeholder_rows(n: int) -> list[dict]:
+    """TRL's rows when an environment owns the data: an empty user message each, plus the
+    row's `seed` (its index) so an environment can draw its episode reproducibly."""
+    return [{"prompt": [{"role": "user", "content": ""}], "seed": i} for i in range(n)]
+
+
 def load_rows(
     source: str,
     *,
@@ -73,7 +96,8 @@ def load_rows(
     split: str = "train",
     columns: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Rows from `source`: `builtin:arithmetic`, or a local JSONL/JSON/CSV/Parquet file or a
+    """Rows from `source`: `builtin:arithmetic`, `builtin:tool_arithmetic`, `builtin:none`
+    (placeholder rows for an environment), or a local JSONL/JSON/CSV/Parquet file or a
     `save_to_disk` directory, read with `datasets`. The `prompt_column` is renamed to `prompt`;
     `columns` maps reward argument names to dataset columns ({"answer": "solution"} gives each
     row an `answer` holding its `solution`). A prompt is a string or a chat (a list of
@@ -81,6 +105,10 @@ def load_rows(
     """
     if source == BUILTIN_ARITHMETIC:
         rows = arithmetic_rows(num_rows, seed=seed)
+    elif source == BUILTIN_TOOL_ARITHMETIC:
+        rows = tool_arithmetic_rows(num_rows, seed=seed)
+    elif source == BUILTIN_NONE:
+        rows = placeholder_rows(num_rows)
     else:
         rows = _load_with_datasets(source, split)
         for name, column in (columns or {}).items():
@@ -177,20 +205,22 @@ def encode_prompt(
     use_chat_template: bool = False,
     system_prompt: str | None = None,
     template_kwargs: Mapping | None = None,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """Token ids of a prompt. Chats always go through the tokenizer's chat template (with the
     generation prompt); plain strings only when `use_chat_template`. `template_kwargs` are extra
-    template variables, e.g. {"enable_thinking": False} for Qwen3's non-thinking mode."""
+    template variables, e.g. {"enable_thinking": False} for Qwen3's non-thinking mode; `tools`
+    the tools' JSON schemas for the template's `tools=` argument."""
     if isinstance(prompt, str) and not use_chat_template:
         return tokenizer.encode(prompt)
     if not getattr(tokenizer, "chat_template", None):
         what = "data.use_chat_template=true" if isinstance(prompt, str) else "a chat prompt"
         raise ValueError(f"{what} needs a chat template but the tokenizer has none")
+    kwargs = dict(template_kwargs or {})
+    if tools:
+        kwargs["tools"] = tools
     ids = tokenizer.apply_chat_template(
-        prompt_messages(prompt, system_prompt),
-        add_generation_prompt=True,
-        tokenize=True,
-        **dict(template_kwargs or {}),
+        prompt_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=True, **kwargs
     )
     # transformers 5 may return a BatchEncoding-like mapping for tokenize=True.
     if isinstance(ids, Mapping):

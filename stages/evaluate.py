@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from stages import rewards
+from stages import multiturn, rewards
 from stages.rollout import RolloutConfig, generate_rollouts
 from stages.settings import check, setting
 
@@ -69,6 +69,7 @@ def evaluate(
     seed: int = 0,
     timeout: float | None = None,
     on_error: str = "raise",
+    turns=None,
 ) -> EvalResult:
     """Generate on every prompt (one dataset row each) and score with the reward functions.
 
@@ -77,6 +78,7 @@ def evaluate(
     is >= the threshold), eval/pass@k when num_samples = k > 1 (fraction of prompts with at
     least one correct completion), and eval/completions/* lengths. `seed` seeds sampling
     (pass@k); `timeout` and `on_error` are the reward stage's (stages.rewards.run_rewards).
+    `turns` (stages.multiturn.MultiTurn): generate with the run's tools or environment.
     """
     if len(prompts) != len(rows) or not prompts:
         raise ValueError(f"evaluate needs one row per prompt, got {len(prompts)} and {len(rows)}")
@@ -94,14 +96,18 @@ def evaluate(
     score_parts, lengths, stopped, prompt_texts, texts = [], [], [], [], []
     failures, logged = [], {}
     for start in range(0, len(prompts), cfg.batch_size):
-        batch = generate_rollouts(
-            model,
-            tokenizer,
-            prompts[start : start + cfg.batch_size],
-            generation,
-            seed=seed + start,
-        )
-        batch.with_columns(rows[start : start + cfg.batch_size])
+        part = rows[start : start + cfg.batch_size]
+        if turns is None:
+            batch = generate_rollouts(
+                model,
+                tokenizer,
+                prompts[start : start + cfg.batch_size],
+                generation,
+                seed=seed + start,
+            )
+            batch.with_columns(part)
+        else:
+            batch = multiturn.generate(model, tokenizer, part, generation, turns, seed=seed + start)
         logged_here: dict[str, float] = {}
         scores, found = rewards.run_rewards(
             batch, reward_funcs, names, timeout=timeout, on_error=on_error, metrics=logged_here
@@ -110,7 +116,7 @@ def evaluate(
             logged.setdefault(key, []).append(value)
         failures.extend(found)
         score_parts.append(np.array(scores, dtype=np.float64))
-        lengths.append(np.array(batch.completion_mask.sum(axis=1)))
+        lengths.append(np.array(batch.generated_mask.sum(axis=1)))
         stopped.extend(reason == "stop" for reason in batch.finish_reasons)
         prompt_texts.extend(batch.prompt_texts)
         texts.extend(batch.texts)

@@ -260,7 +260,7 @@ def _loss_fn(
     stages: StagedEval,
 ):
     logprobs, entropies = completion_logprobs(model, packed, temperature, stages=stages)
-    mask = packed.completion_mask
+    mask = packed.loss_mask
     entropy_mask = None
     if cfg.top_entropy_quantile < 1.0:
         # TRL takes the quantile over this micro-batch of every process
@@ -309,13 +309,16 @@ def update_step(
     """All optimizer steps for one generation batch (a RolloutBatch). Returns metrics (floats).
 
     The logits are divided by the batch's sampling temperature (TRL), and dr_grpo divides by
-    its completion width (rollout.max_new_tokens). The batch is shuffled (with `seed`) and
-    split into `cfg.steps_per_generation` equal parts, one optimizer step each, and that is
-    repeated `cfg.num_iterations` times (TRL's mu). When there is more than one optimizer step,
-    or with the sampler importance-sampling correction, the ratio's denominator is the policy
-    that generated the batch, computed once before the first step and held fixed. Each step's
-    gradient is accumulated over micro-batches of `cfg.micro_batch_size` rows, each weighted as
-    TRL weighs its micro-batches (stages/losses.py), then clipped by global norm.
+    its completion width (TRL's max_completion_length: rollout.max_new_tokens, or with tools
+    rollout.max_completion_length). Only generated tokens count (the batch's generated_mask:
+    tool results are read by the forward, never in a loss, log-prob, ratio, KL or normaliser).
+    The batch is shuffled (with `seed`) and split into `cfg.steps_per_generation` equal parts,
+    one optimizer step each, and that is repeated `cfg.num_iterations` times (TRL's mu). When
+    there is more than one optimizer step, or with the sampler importance-sampling correction,
+    the ratio's denominator is the policy that generated the batch, computed once before the
+    first step and held fixed. Each step's gradient is accumulated over micro-batches of
+    `cfg.micro_batch_size` rows, each weighted as TRL weighs its micro-batches
+    (stages/losses.py), then clipped by global norm.
 
     dapo, cispo and vespo divide by the real tokens of the whole generation batch (after
     `mask_truncated_completions`) over its `steps_per_generation` optimizer steps, as TRL.
@@ -357,13 +360,13 @@ def _update_step(
     """update_step's body (see there)."""
     temperature = batch.temperature or 1.0  # greedy rollouts: plain logits
     packed = pack(batch)
-    max_completion_length = packed.completion_ids.shape[1]
+    max_completion_length = packed.completion_ids.shape[1]  # the rollout's completion budget
     rule = find_loss_type(cfg.loss_type)
     world_scale = float(world.size) if rule.sums_over_processes else 1.0
     n_rows = packed.tokens.shape[0]
     if cfg.mask_truncated_completions:
         kept = mx.array([reason != "length" for reason in batch.finish_reasons], dtype=mx.float32)
-        packed = replace(packed, completion_mask=packed.completion_mask * kept[:, None])
+        packed = replace(packed, loss_mask=packed.loss_mask * kept[:, None])
     parts = cfg.steps_per_generation
     if parts < 1 or n_rows % parts:
         raise ValueError(
@@ -372,7 +375,7 @@ def _update_step(
         )
     # dapo's normaliser: real tokens of the whole generation batch (every process), counted
     # after truncated completions are masked, per optimizer step (TRL's num_items_in_batch).
-    num_items = mx.maximum(distributed.all_sum(packed.completion_mask.sum(), world), 1.0) / parts
+    num_items = mx.maximum(distributed.all_sum(packed.loss_mask.sum(), world), 1.0) / parts
     order = np.arange(n_rows)
     if parts > 1:
         order = np.random.default_rng(seed).permutation(n_rows)
@@ -402,7 +405,7 @@ def _update_step(
         sampler_ratio, sampling_metrics = sampler_importance_ratio(
             old_logprobs,
             batch.logprobs,
-            packed.completion_mask,
+            packed.loss_mask,
             mode=cfg.vllm_importance_sampling_mode,
             clip_min=cfg.vllm_importance_sampling_clip_min,
             clip_max=cfg.sampler_clip_max,
@@ -448,7 +451,7 @@ def _update_step(
                 grads = chunk_grads
                 mx.eval(grads, loss, metrics)
                 step_loss += loss.item()
-                mask = chunk_packed.completion_mask
+                mask = chunk_packed.loss_mask
                 per_chunk.append(
                     {
                         name: (

@@ -46,7 +46,8 @@ class ModelConfig:
 
     path: str = setting(
         MISSING,
-        "HF-format directory, llama.cpp .gguf file, or builtin:tiny_qwen3 / builtin:tiny_qwen3_moe",
+        "HF-format directory, llama.cpp .gguf file, or builtin:tiny_qwen3 / builtin:tiny_qwen3_moe "
+        "/ builtin:tiny_qwen3_tools",
     )
     dtype: str = setting(
         "auto",

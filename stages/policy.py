@@ -33,7 +33,7 @@ class PackedBatch:
     tokens: mx.array  # (N, L) int32
     gather_index: mx.array  # (N, T) int32: position whose logits predict completion token t
     completion_ids: mx.array  # (N, T) int32
-    completion_mask: mx.array  # (N, T) float32
+    loss_mask: mx.array  # (N, T) float32: 1 on generated tokens (never on tool results)
 
 
 def pack(batch) -> PackedBatch:
@@ -41,6 +41,8 @@ def pack(batch) -> PackedBatch:
 
     Right padding keeps every real token at its true position under a plain causal mask, so the
     training forward needs no attention mask and matches generation on the left-padded cache.
+    The forward reads the whole completion (`completion_mask`: tool results too, as context);
+    the loss mask is the batch's `generated_mask`, the model's own tokens only.
     """
     completion_ids = np.array(batch.completion_ids)
     lengths = np.array(batch.completion_mask).sum(axis=1).astype(np.int64)
@@ -54,7 +56,7 @@ def pack(batch) -> PackedBatch:
     gather = prompt_lengths[:, None] - 1 + np.arange(n_steps)[None, :]
     gather = np.minimum(gather, width - 1).astype(np.int32)
     return PackedBatch(
-        mx.array(tokens), mx.array(gather), batch.completion_ids, batch.completion_mask
+        mx.array(tokens), mx.array(gather), batch.completion_ids, batch.generated_mask
     )
 
 
@@ -64,7 +66,7 @@ def take_rows(packed: PackedBatch, rows) -> PackedBatch:
         packed.tokens[rows],
         packed.gather_index[rows],
         packed.completion_ids[rows],
-        packed.completion_mask[rows],
+        packed.loss_mask[rows],
     )
 
 
@@ -310,7 +312,8 @@ def completion_logprobs(
 
 def policy_logprobs(model: nn.Module, batch, temperature: float) -> mx.array:
     """(N, T) log p of each completion token of a RolloutBatch under the training forward pass,
-    log_softmax(logits / temperature) with no processors or filters (TRL); 0 on padding."""
+    log_softmax(logits / temperature) with no processors or filters (TRL); 0 on padding and
+    on tool-result tokens."""
     packed = pack(batch)
     logprobs, _ = completion_logprobs(model, packed, temperature, entropies=False)
-    return logprobs * packed.completion_mask
+    return logprobs * packed.loss_mask

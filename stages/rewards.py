@@ -4,6 +4,11 @@ A reward function is `fn(prompts: list[str], completions: list[str], **columns) 
 None]`, where `columns` are the dataset columns of each row (e.g. `answer`). `None` means "does not
 apply to this sample" and becomes NaN in the score matrix. An exception inside a function is
 never turned into a silent 0: it stops scoring with an error naming the function.
+
+Multi-turn completions (tools, environments) reach the functions as TRL passes them: each
+prompt as its chat messages and each completion as its list of messages after the prompt
+(assistant turns with their tool_calls, tool results); `environments=` holds each row's
+environment object. The built-ins read a conversation's last assistant message.
 """
 
 from __future__ import annotations
@@ -80,7 +85,6 @@ class RewardConfig:
     )
 
     def validate(self) -> None:
-        check(bool(self.funcs), "funcs", {}, "at least one reward function")
         for name, spec in self.funcs.items():
             check(
                 spec._target_ is not None or name in REGISTRY,
@@ -101,6 +105,19 @@ class RewardConfig:
             )
         one_of("on_error", self.on_error, ON_ERROR)
         check(self.timeout is None or self.timeout > 0, "timeout", self.timeout, "null or > 0")
+
+
+def completion_text(completion) -> str:
+    """The text a reward reads from one completion: the completion itself, or for a
+    conversation (multi-turn: a list of messages) its last assistant message's content (TRL's
+    built-ins read the first one, which in a tool run is usually the call)."""
+    if isinstance(completion, str):
+        return completion
+    for message in reversed(completion):
+        if message.get("role") == "assistant":
+            content = message.get("content") or ""
+            return content if isinstance(content, str) else str(content)
+    return ""
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -142,7 +159,9 @@ def parse_number(text: str) -> float | None:
 @register("exact_answer")
 def exact_answer(prompts: list[str], completions: list[str], answer: list[str], **_) -> list:
     """1.0 when the completion, stripped, is exactly the `answer` column, else 0.0."""
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+    return [
+        float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)
+    ]
 
 
 @register("first_number")
@@ -150,7 +169,7 @@ def first_number(prompts: list[str], completions: list[str], answer: list[str], 
     """1.0 when the first number in the completion equals `answer` (numerically), else 0.0."""
     rewards = []
     for completion, expected in zip(completions, answer):
-        found = _NUMBER.search(completion)
+        found = _NUMBER.search(completion_text(completion))
         got = _normalize_number(found.group()) if found else None
         rewards.append(float(got is not None and got == _normalize_number(str(expected))))
     return rewards
@@ -162,7 +181,7 @@ def gsm8k_answer(prompts: list[str], completions: list[str], answer: list[str], 
     rewards = []
     for completion, reference in zip(completions, answer):
         expected = _normalize_number(str(reference).split("####")[-1])
-        numbers = _NUMBER.findall(completion)
+        numbers = _NUMBER.findall(completion_text(completion))
         got = _normalize_number(numbers[-1]) if numbers else None
         rewards.append(float(got is not None and got == expected))
     return rewards
@@ -255,7 +274,7 @@ def math_answer(
             rewards.append(None)
             continue
         try:
-            predicted = parse_math(completion)
+            predicted = parse_math(completion_text(completion))
         except Exception:
             predicted = []
         if not predicted:
@@ -283,21 +302,21 @@ _FORMAT_SOFT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTAL
 @register("think_format")
 def think_format(prompts: list[str], completions: list[str], **_) -> list:
     """TRL's think_format_reward: 1.0 when the completion starts with one `<think>...</think>`."""
-    return [float(bool(_THINK_TRL.match(c))) for c in completions]
+    return [float(bool(_THINK_TRL.match(completion_text(c)))) for c in completions]
 
 
 @register("format_strict")
 def format_strict(prompts: list[str], completions: list[str], **_) -> list:
     """1.0 for exactly "<think>\n...\n</think>\n<answer>\n...\n</answer>" (one of each, nothing
     around them but a final newline), else 0.0."""
-    return [float(bool(_FORMAT_STRICT.match(c))) for c in completions]
+    return [float(bool(_FORMAT_STRICT.match(completion_text(c)))) for c in completions]
 
 
 @register("format_soft")
 def format_soft(prompts: list[str], completions: list[str], **_) -> list:
     """1.0 when the completion contains "<think>...</think>" followed by "<answer>...</answer>"
     (any whitespace, any text around them), else 0.0."""
-    return [float(bool(_FORMAT_SOFT.search(c))) for c in completions]
+    return [float(bool(_FORMAT_SOFT.search(completion_text(c)))) for c in completions]
 
 
 @register("length")
@@ -318,7 +337,10 @@ def length(
     falling linearly to -1 at L, and -1 beyond.
     """
     _check_length_settings(target=target, max_length=max_length, cache=cache)
-    sizes = [len(ids) for ids in completion_ids] if completion_ids else list(map(len, completions))
+    if completion_ids:
+        sizes = [len(ids) for ids in completion_ids]
+    else:
+        sizes = [len(completion_text(c)) for c in completions]
     if target is not None:
         return [max(0.0, 1.0 - abs(n - target) / target) for n in sizes]
     limit = max_length - cache
@@ -348,7 +370,7 @@ def valid_json(prompts: list[str], completions: list[str], **_) -> list:
     object or array, else 0.0."""
     rewards = []
     for completion in completions:
-        text = completion.strip()
+        text = completion_text(completion).strip()
         fenced = _FENCE.match(text)
         if fenced:
             text = fenced.group(1).strip()
@@ -437,14 +459,17 @@ def resolve_funcs(cfg: RewardConfig) -> RewardFuncs:
     return RewardFuncs(funcs, names, weights)
 
 
+PASSED = ("prompts", "completions", "completion_ids", "log_metric", "environments")
+
+
 def required_columns(fn: RewardFunc) -> list[str]:
     """Dataset columns a reward function needs: its parameters without defaults, other than
-    prompts, completions, completion_ids and log_metric (TRL passes those)."""
+    prompts, completions, completion_ids, log_metric and environments (TRL passes those)."""
     target = fn.func if isinstance(fn, functools.partial) else fn
     bound = fn.keywords if isinstance(fn, functools.partial) else {}
     names = []
     for name, parameter in inspect.signature(target).parameters.items():
-        if name in ("prompts", "completions", "completion_ids", "log_metric") or name in bound:
+        if name in PASSED or name in bound:
             continue
         if parameter.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
             continue
@@ -574,8 +599,10 @@ def run_rewards(
     """Every reward function on the batch: ((N, F) float32 scores, NaN where None; failures).
 
     Functions get TRL's arguments: prompts, completions, completion_ids (token ids without
-    padding) and the dataset columns. When a call raises, it is repeated one sample at a time to
-    find the samples that fail. on_error="raise" stops with a RewardError naming the function
+    padding; a multi-turn completion's tool tokens included, as TRL) and the dataset columns;
+    multi-turn batches pass prompts and completions as messages, and `environments`. When a
+    call raises, it is repeated one sample at a time to find the samples that fail.
+    on_error="raise" stops with a RewardError naming the function
     and the first failing sample; on_error="none" records None for the failing samples (all of
     them when the call timed out) and returns one RewardFailure per failure.
     A function that returns the wrong number of values or non-numbers always raises.
@@ -591,8 +618,16 @@ def run_rewards(
         else [getattr(fn, "__name__", repr(fn)) for fn in reward_funcs]
     )
     completion_ids = _completion_ids(batch)
+    # Multi-turn (TRL): prompts as chat messages, completions as the messages after the prompt.
+    conversations = getattr(batch, "conversations", None)
+    completions = batch.texts if conversations is None else conversations
+    prompt_messages = getattr(batch, "prompt_messages", None)
+    prompts = batch.prompt_texts if prompt_messages is None else prompt_messages
+    extra = {}
+    if getattr(batch, "environments", None) is not None:
+        extra["environments"] = batch.environments  # TRL's keyword
     # The parsed parts of thinking-mode completions: <think>...</think> and the answer after it.
-    parts = completion_parts(batch.texts)
+    parts = completion_parts([completion_text(c) for c in completions])
     columns, failures = [], []
     logged: dict[str, list[float]] = {}
 
@@ -601,11 +636,12 @@ def run_rewards(
 
     for fn, name in zip(reward_funcs, names):
         kwargs = dict(
-            prompts=batch.prompt_texts,
-            completions=batch.texts,
+            prompts=prompts,
+            completions=completions,
             completion_ids=completion_ids,
             log_metric=log_metric,
             **parts,
+            **extra,
             **batch.columns,
         )
         try:

@@ -24,6 +24,7 @@ decode one step; everything else here is the same for both.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -96,6 +97,33 @@ class RolloutConfig:
         "CUDA only: the fused engine's matmuls through faster kernels that round differently "
         "from the trainer (train.vllm_importance_sampling_correction corrects for it)",
     )
+    tools: list[str] = setting(
+        factory=list,
+        help="tools the model may call (TRL's tools): built-ins (calculator, python_eval, add) or "
+        "import paths pkg.module.fn; their JSON schemas go to the chat template",
+    )
+    max_tool_calling_iterations: int | None = setting(
+        None, "tool rounds per completion (TRL's); null: as many as the token budget allows"
+    )
+    max_completion_length: int | None = setting(
+        None,
+        "with tools or an environment: tokens per completion after the prompt, generated and "
+        "tool results together (TRL's max_completion_length); null: max_new_tokens",
+    )
+    tool_timeout: float = setting(10.0, "seconds a tool call may run; then its result is an error")
+    tool_max_output_chars: int = setting(
+        2000, "a tool result longer than this is cut (and counted in tools/truncated_outputs)"
+    )
+    environment_factory: str | None = setting(
+        None,
+        "import path of a class making one environment per completion (TRL's): reset(**row) "
+        "opens the episode, its public methods are tools, get_reward() is a reward",
+    )
+    rollout_func: str | None = setting(
+        None,
+        "import path of a custom rollout function(prompts, trainer) -> dict of prompt_ids, "
+        "completion_ids, logprobs (TRL's rollout_func); replaces generation",
+    )
 
     def validate(self) -> None:
         check(self.group_size >= 1, "group_size", self.group_size, ">= 1")
@@ -125,11 +153,51 @@ class RolloutConfig:
             "auto or mlx_lm when max_kv_size > 0 (the fused engine has no rotating cache)",
         )
         check(
+            self.max_tool_calling_iterations is None or self.max_tool_calling_iterations >= 0,
+            "max_tool_calling_iterations",
+            self.max_tool_calling_iterations,
+            "null or >= 0",
+        )
+        check(
+            self.max_completion_length is None or self.max_completion_length >= self.max_new_tokens,
+            "max_completion_length",
+            self.max_completion_length,
+            f"null or >= max_new_tokens ({self.max_new_tokens})",
+        )
+        check(self.tool_timeout > 0, "tool_timeout", self.tool_timeout, "> 0 seconds")
+        check(
+            self.tool_max_output_chars >= 1,
+            "tool_max_output_chars",
+            self.tool_max_output_chars,
+            ">= 1",
+        )
+        check(all(self.tools), "tools", self.tools, "non-empty names or import paths")
+        check(
+            not self.rollout_func or not (self.tools or self.environment_factory),
+            "rollout_func",
+            self.rollout_func,
+            "null when rollout.tools or rollout.environment_factory is set (a custom rollout "
+            "runs its own turns)",
+        )
+        check(
             not self.fast_kernels or mx.cuda.is_available(),
             "fast_kernels",
             self.fast_kernels,
             "false on this machine (the fused decode kernels need MLX's CUDA backend)",
         )
+
+    @property
+    def multi_turn(self) -> bool:
+        """Completions of several turns: tools or an environment (stages/multiturn.py)."""
+        return bool(self.tools or self.environment_factory)
+
+    @property
+    def completion_budget(self) -> int:
+        """Tokens per completion after the prompt (TRL's max_completion_length): generated and
+        tool-result tokens of a multi-turn completion, generated tokens otherwise."""
+        if self.multi_turn and self.max_completion_length is not None:
+            return self.max_completion_length
+        return self.max_new_tokens
 
 
 def step_seed(run_seed: int, step: int, purpose: str = "train", round_index: int = 0) -> int:
@@ -144,12 +212,20 @@ def step_seed(run_seed: int, step: int, purpose: str = "train", round_index: int
 
 @dataclass
 class RolloutBatch:
-    """N = len(prompts) * group_size rows; row r belongs to prompt r // group_size."""
+    """N = len(prompts) * group_size rows; row r belongs to prompt r // group_size.
+
+    A completion is everything after the prompt. Single-turn, that is the generated tokens; a
+    multi-turn completion (stages/multiturn.py) also holds tool results and the chat template's
+    tokens around them (context the model reads, not policy output). `completion_mask` covers
+    the whole completion (what the training forward reads); `tool_mask` (TRL's) is 1 on the
+    model's own tokens and 0 on the others; `generated_mask`, their product, is what the loss,
+    the log-probs and every normaliser count.
+    """
 
     prompt_ids: list[list[int]]  # N prompts as token ids (unpadded)
     completion_ids: mx.array  # (N, T) int32, pad after the end
-    completion_mask: mx.array  # (N, T) float32, 1 on generated tokens incl. the EOS
-    logprobs: mx.array  # (N, T) float32, log p of each sampled token, 0 on padding
+    completion_mask: mx.array  # (N, T) float32, 1 on every completion token incl. the EOS
+    logprobs: mx.array  # (N, T) float32, log p of each sampled token, 0 elsewhere
     finish_reasons: list[str]  # "stop" (EOS or a stop string) or "length"
     prompt_texts: list[str]
     texts: list[str]  # completions decoded without the EOS, cut before a stop string
@@ -158,10 +234,24 @@ class RolloutBatch:
     temperature: float = 1.0  # the sampling temperature (0: greedy); the update divides by it
     engine: str = ""  # the decode engine that generated it: mlx_lm | fused
     engine_bytes: int = 0  # memory that engine added to the model's (fused weight copies)
+    # Multi-turn only (None otherwise):
+    tool_mask: mx.array | None = None  # (N, T) float32, 1 on generated tokens, 0 on tool tokens
+    prompt_messages: list | None = None  # N prompts as chat messages (what rewards get)
+    conversations: list | None = None  # N message lists after the prompt (assistant, tool, ...)
+    environments: list | None = None  # N environment objects (rollout.environment_factory)
+    tool_counts: dict[str, list[int]] | None = None  # per row: calls, turns, failures/<kind>, ...
 
     @property
     def num_rows(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def generated_mask(self) -> mx.array:
+        """(N, T) float32: 1 on the tokens the model generated (TRL's completion_mask *
+        tool_mask), the only tokens with a loss; equal to completion_mask single-turn."""
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.tool_mask
 
     def with_columns(self, rows: list[dict]) -> RolloutBatch:
         """Attach dataset columns (one dict per prompt) repeated over each group."""
@@ -172,10 +262,19 @@ class RolloutBatch:
         return self
 
 
+def _pick(values: list | None, rows: list[int]) -> list | None:
+    return None if values is None else [values[r] for r in rows]
+
+
+def _joined(lists: list) -> list | None:
+    return None if any(v is None for v in lists) else [x for v in lists for x in v]
+
+
 def select_rows(batch: RolloutBatch, rows) -> RolloutBatch:
     """The rows `rows` (whole groups, in order) of a batch; dataset columns are kept."""
     rows = [int(r) for r in rows]
     index = mx.array(rows, dtype=mx.int32)
+    counts = batch.tool_counts
     return RolloutBatch(
         prompt_ids=[batch.prompt_ids[r] for r in rows],
         completion_ids=batch.completion_ids[index],
@@ -187,6 +286,11 @@ def select_rows(batch: RolloutBatch, rows) -> RolloutBatch:
         group_size=batch.group_size,
         columns={k: [v[r] for r in rows] for k, v in batch.columns.items()},
         temperature=batch.temperature,
+        tool_mask=None if batch.tool_mask is None else batch.tool_mask[index],
+        prompt_messages=_pick(batch.prompt_messages, rows),
+        conversations=_pick(batch.conversations, rows),
+        environments=_pick(batch.environments, rows),
+        tool_counts=None if counts is None else {k: _pick(v, rows) for k, v in counts.items()},
     )
 
 
@@ -194,6 +298,10 @@ def concatenate(batches: list[RolloutBatch]) -> RolloutBatch:
     """The rows of `batches` one after another (same group size, temperature, width)."""
     first = batches[0]
     columns = {k: [x for b in batches for x in b.columns.get(k, [])] for k in first.columns}
+    counts = None
+    if all(b.tool_counts is not None for b in batches):
+        counts = {k: [x for b in batches for x in b.tool_counts[k]] for k in first.tool_counts}
+    tool_masks = [b.tool_mask for b in batches]
     return RolloutBatch(
         prompt_ids=[p for b in batches for p in b.prompt_ids],
         completion_ids=mx.concatenate([b.completion_ids for b in batches]),
@@ -205,6 +313,11 @@ def concatenate(batches: list[RolloutBatch]) -> RolloutBatch:
         group_size=first.group_size,
         columns=columns,
         temperature=first.temperature,
+        tool_mask=None if any(m is None for m in tool_masks) else mx.concatenate(tool_masks),
+        prompt_messages=_joined([b.prompt_messages for b in batches]),
+        conversations=_joined([b.conversations for b in batches]),
+        environments=_joined([b.environments for b in batches]),
+        tool_counts=counts,
     )
 
 
@@ -226,11 +339,23 @@ def _gather_ragged(rows: list, world) -> list:
 
 def all_gather_batch(batch: RolloutBatch, world) -> RolloutBatch:
     """Every rank's rows of a data-parallel generation round, in rank order, on every rank
-    (dynamic sampling keeps groups that other ranks generated). Dataset columns are not
-    gathered (they are only the reward functions')."""
+    (dynamic sampling keeps groups that other ranks generated). Dataset columns and
+    environment objects are not gathered (they are only the reward functions')."""
     if world.size == 1:
         return batch
     reasons = mx.array([r == "length" for r in batch.finish_reasons], dtype=mx.int32)
+
+    def json_lists(values: list | None) -> list | None:
+        if values is None:
+            return None
+        return [json.loads(t) for t in _gather_ragged([json.dumps(v) for v in values], world)]
+
+    counts = batch.tool_counts
+    if counts is not None:
+        names = sorted(counts)
+        table = mx.array([counts[k] for k in names], dtype=mx.int32).T  # (N, kinds)
+        table = np.array(distributed.all_gather(table, world))
+        counts = {k: table[:, i].tolist() for i, k in enumerate(names)}
     return RolloutBatch(
         prompt_ids=_gather_ragged(batch.prompt_ids, world),
         completion_ids=distributed.all_gather(batch.completion_ids, world),
@@ -243,6 +368,12 @@ def all_gather_batch(batch: RolloutBatch, world) -> RolloutBatch:
         texts=_gather_ragged(batch.texts, world),
         group_size=batch.group_size,
         temperature=batch.temperature,
+        tool_mask=(
+            None if batch.tool_mask is None else distributed.all_gather(batch.tool_mask, world)
+        ),
+        prompt_messages=json_lists(batch.prompt_messages),
+        conversations=json_lists(batch.conversations),
+        tool_counts=counts,
     )
 
 
@@ -508,14 +639,20 @@ def make_engine(model: nn.Module, cfg: RolloutConfig):
     return MlxLmEngine(model, cfg.max_kv_size)
 
 
-class _StopStrings:
+class StopStrings:
     """Per-row streaming detokenizers (mlx-lm's) that spot stop strings across tokens."""
 
     def __init__(self, tokenizer, stop_strings: list[str], n_rows: int):
+        self.tokenizer = tokenizer
         self.stop_strings = stop_strings
         self.longest = max(len(s) for s in stop_strings)
         self.detokenizers = [tokenizer.detokenizer for _ in range(n_rows)]
         self.seen = [0] * n_rows  # chars of text already searched
+
+    def restart(self, row: int) -> None:
+        """Start row `row` afresh (a new assistant turn)."""
+        self.detokenizers[row] = self.tokenizer.detokenizer
+        self.seen[row] = 0
 
     def add(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Feed one token to each row; True where a stop string has now appeared."""
@@ -579,7 +716,7 @@ def generate_rollouts(
     if cfg.xtc_probability > 0:
         special += tokenizer.encode("\n", add_special_tokens=False)  # as mlx-lm's CLI does
     sampler = Sampler(cfg, special)
-    stops = _StopStrings(tokenizer, cfg.stop_strings, n_rows) if cfg.stop_strings else None
+    stops = StopStrings(tokenizer, cfg.stop_strings, n_rows) if cfg.stop_strings else None
 
     tokens, padding = left_pad(prompts, pad_id)
     engine = make_engine(model, cfg)
@@ -676,8 +813,9 @@ def generate_rollouts(
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """TRL's completion metrics: lengths in tokens, and the fraction cut at max_new_tokens."""
-    lengths = batch.completion_mask.sum(axis=1)
+    """TRL's completion metrics: lengths in generated tokens (tool results not counted, as
+    TRL), and the fraction cut at the length limit."""
+    lengths = batch.generated_mask.sum(axis=1)
     stopped = mx.array([reason == "stop" for reason in batch.finish_reasons])
     n_stopped = stopped.sum().item()
     metrics = {

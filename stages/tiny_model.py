@@ -86,10 +86,47 @@ TINY_QWEN3_MOE = {
     "router_aux_loss_coef": 0.001,
 }
 
-BUILTINS = {"tiny_qwen3": TINY_QWEN3, "tiny_qwen3_moe": TINY_QWEN3_MOE}
+# The tools quickstart's model: the tiny Qwen3 with Qwen3's tool tokens, the characters of
+# JSON and error messages, a Qwen3-style chat template that renders tools, tool calls and tool
+# results (compactly: the model reads characters), and room for a few turns.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+TOOL_CHARACTERS = CHARACTERS + list("{}\"'_<>[]!|ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+TINY_QWEN3_TOOLS = {**TINY_QWEN3, "vocab_size": 128, "max_position_embeddings": 512}
+
+TOOLS_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}"
+    "tools:{% for tool in tools %} {{ tool['function']['name'] }}{% endfor %}<|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}"
+    "<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user\n"
+    "{% endif %}<tool_response>{{ message['content'] }}</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% elif message['role'] == 'assistant' %}<|im_start|>assistant\n{{ message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    '<tool_call>{"name":"{{ call["function"]["name"] }}","arguments":'
+    "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson(separators=(',', ':')) }}{% endif %}"
+    "}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+BUILTINS = {
+    "tiny_qwen3": TINY_QWEN3,
+    "tiny_qwen3_moe": TINY_QWEN3_MOE,
+    "tiny_qwen3_tools": TINY_QWEN3_TOOLS,
+}
 # Bump when the build changes, so stale cached builds are not reused.
 BUILD_VERSION = 1
 WARMUP_STEPS = 40
+# The tools model's warm-up (its own cache key: the other built-ins' builds are unchanged).
+TOOLS_BUILD_VERSION = 1
+TOOLS_WARMUP = {"steps": 300, "batch": 32, "learning_rate": 3e-3, "copy_probability": 0.5}
 
 
 def cache_root() -> Path:
@@ -98,23 +135,29 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "mlx-grpo"
 
 
-def build_tokenizer():
-    """A character-level tokenizer (one token per character, specials matched whole)."""
+def build_tokenizer(tools: bool = False):
+    """A character-level tokenizer (one token per character, specials matched whole). `tools`:
+    the tools model's (Qwen3's tool tokens, more characters, a template that renders tools)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    added = TOOL_TOKENS if tools else []
+    characters = TOOL_CHARACTERS if tools else CHARACTERS
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + added + characters)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    if added:
+        tokenizer.add_tokens(added)  # matched whole, kept in decoded text (as Qwen3's)
+    config = TINY_QWEN3_TOOLS if tools else TINY_QWEN3
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=EOS,
         pad_token=PAD,
         unk_token=UNK,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=TINY_QWEN3["max_position_embeddings"],
+        chat_template=TOOLS_CHAT_TEMPLATE if tools else CHAT_TEMPLATE,
+        model_max_length=config["max_position_embeddings"],
     )
 
 
@@ -154,6 +197,82 @@ def _format_warmup(model: nn.Module, hf_tokenizer, seed: int) -> None:
         del step, loss
 
 
+def _tool_warmup_example(hf_tokenizer, row: dict, rng, schemas: list[dict]):
+    """One warm-up conversation in the rollout's token layout: (tokens, weights), weights 1 on
+    the assistant's tokens (the call turn and the answer turn, each with its EOS).
+
+    The call has the chat template's syntax; each argument is the prompt's operand with
+    probability `copy_probability`, else a random three-digit number; the tool message holds
+    the add tool's real result for those arguments; the answer is that result with the same
+    probability, else a random number. So the model learns the syntax of a call and an answer
+    and starts reading the prompt and the tool result sometimes; never reliably."""
+    from stages.tools import add, tool_suffix_ids
+
+    p = TOOLS_WARMUP["copy_probability"]
+    a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
+    args = {
+        "a": a if rng.random() < p else int(rng.integers(100, 1000)),
+        "b": b if rng.random() < p else int(rng.integers(100, 1000)),
+    }
+    result = add(**args)
+    answer = result if rng.random() < p else int(rng.integers(200, 2000))
+    messages = [{"role": "user", "content": row["prompt"]}]
+    prompt = list(
+        hf_tokenizer.apply_chat_template(
+            messages, tools=schemas, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+    call = {"type": "function", "function": {"name": "add", "arguments": args}}
+    call_text = hf_tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": "", "tool_calls": [call]}],
+        tools=schemas,
+        tokenize=False,
+    )
+    call_text = call_text.split("<|im_start|>assistant\n")[-1].removesuffix(f"{EOS}\n")
+    eos_id = hf_tokenizer.convert_tokens_to_ids(EOS)
+    call_ids = hf_tokenizer.encode(call_text) + [eos_id]
+    suffix = tool_suffix_ids(
+        hf_tokenizer, [{"role": "tool", "name": "add", "content": str(result)}]
+    )
+    answer_ids = hf_tokenizer.encode(str(answer)) + [eos_id]
+    tokens = prompt + call_ids + suffix + answer_ids
+    weights = [0.0] * len(prompt) + [1.0] * len(call_ids) + [0.0] * len(suffix)
+    weights += [1.0] * len(answer_ids)
+    return tokens, weights
+
+
+def _tools_warmup(model: nn.Module, hf_tokenizer, seed: int) -> None:
+    """Teach the syntax of an `add` call and of an answer after the tool's result (see
+    _tool_warmup_example); next-token loss on the assistant's tokens only."""
+    from stages.data import tool_arithmetic_rows
+    from stages.tools import add, tool_schema
+
+    rng = np.random.default_rng([seed, 7])
+    rows = tool_arithmetic_rows(512, seed=seed + 1)
+    schemas = [tool_schema(add)]
+    optimizer = optim.Adam(learning_rate=TOOLS_WARMUP["learning_rate"])
+
+    def loss_fn(model, inputs, targets, weights):
+        losses = nn.losses.cross_entropy(model(inputs), targets, reduction="none")
+        return (losses * weights).sum() / weights.sum()
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    for _ in range(TOOLS_WARMUP["steps"]):
+        chosen = rng.choice(len(rows), size=TOOLS_WARMUP["batch"], replace=False)
+        examples = [_tool_warmup_example(hf_tokenizer, rows[i], rng, schemas) for i in chosen]
+        width = max(len(t) for t, _ in examples)
+        tokens = np.zeros((len(examples), width), dtype=np.int32)
+        weights = np.zeros((len(examples), width), dtype=np.float32)
+        for i, (seq, w) in enumerate(examples):
+            tokens[i, : len(seq)] = seq
+            weights[i, : len(w)] = w
+        tokens = mx.array(tokens)
+        # weights[t] marks token t as a target: it is predicted at position t - 1
+        _, grads = loss_and_grad(model, tokens[:, :-1], tokens[:, 1:], mx.array(weights[:, 1:]))
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+
+
 def build(path: str | Path, name: str = "tiny_qwen3", seed: int = 0) -> Path:
     """Write the built-in model `name` as an HF-format directory at `path`."""
 
@@ -162,7 +281,8 @@ def build(path: str | Path, name: str = "tiny_qwen3", seed: int = 0) -> Path:
     config = dict(BUILTINS[name])
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf_tokenizer = build_tokenizer()
+    tools = name == "tiny_qwen3_tools"
+    hf_tokenizer = build_tokenizer(tools=tools)
     config["eos_token_id"] = hf_tokenizer.convert_tokens_to_ids(EOS)
     config["pad_token_id"] = hf_tokenizer.convert_tokens_to_ids(PAD)
 
@@ -170,7 +290,10 @@ def build(path: str | Path, name: str = "tiny_qwen3", seed: int = 0) -> Path:
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())
-    _format_warmup(model, hf_tokenizer, seed)
+    if tools:
+        _tools_warmup(model, hf_tokenizer, seed)
+    else:
+        _format_warmup(model, hf_tokenizer, seed)
 
     save_weights(path, hf_weights(model))  # HF names and layout (experts un-stacked)
     save_config(config, path / "config.json")
@@ -185,6 +308,9 @@ def builtin_path(name: str) -> Path:
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
     key = json.dumps([BUILD_VERSION, BUILTINS[name], CHARACTERS, WARMUP_STEPS], sort_keys=True)
+    if name == "tiny_qwen3_tools":
+        parts = [TOOLS_BUILD_VERSION, BUILTINS[name], TOOL_CHARACTERS, TOOL_TOKENS]
+        key = json.dumps([*parts, TOOLS_CHAT_TEMPLATE, TOOLS_WARMUP], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     target = cache_root() / f"{name}-{digest}"
     if (target / "config.json").exists():

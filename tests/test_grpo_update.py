@@ -188,8 +188,9 @@ def _params_after(tiny_path, cfg, seed=0, truncate_rows=(), zero_rows=(), update
 
 def _plain_forward(model, batch, rows, temperature):
     """(len(rows), T) log-probs and entropies of each completion token at `temperature`, one
-    row at a time through the model's full logits (no packing, no gathered head): an
-    independent forward for the reference. 0 past each completion."""
+    row at a time through the model's full logits over its whole prompt and completion (tool
+    tokens included; no packing, no gathered head): an independent forward for the reference.
+    0 past each completion."""
     mask = np.array(batch.completion_mask)
     width = mask.shape[1]
     logprobs, entropies = [], []
@@ -216,10 +217,16 @@ def _trl_reference_update(model, batch, advantages, cfg, *, ref_model=None, seed
     n = batch.num_rows
     every = np.arange(n)
     mask = np.array(batch.completion_mask, dtype=np.float64)
+    tool_mask = None if batch.tool_mask is None else np.array(batch.tool_mask, dtype=np.float64)
     truncated = np.array([r == "length" for r in batch.finish_reasons])
-    mask, _, num_items = trl_truncation_and_num_items(
-        mask, is_truncated=truncated, mask_truncated_completions=cfg.mask_truncated_completions
+    mask, tool_mask, num_items = trl_truncation_and_num_items(
+        mask,
+        is_truncated=truncated,
+        tool_mask=tool_mask,
+        mask_truncated_completions=cfg.mask_truncated_completions,
     )
+    if tool_mask is not None:  # TRL's loss mask: completion_mask * tool_mask (T:3027)
+        mask = mask * tool_mask
     parts = cfg.steps_per_generation
     accumulation = (n // parts) // (cfg.micro_batch_size or n // parts)
     trl_steps_per_generation = parts * accumulation  # TRL's unit: micro-batches
