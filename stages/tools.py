@@ -636,30 +636,34 @@ def check_tool_template(tokenizer, template_kwargs: dict | None = None) -> None:
 
 
 def tool_suffix_ids(tokenizer, tool_messages: list[dict], template_kwargs: dict | None = None):
-    """Token ids the chat template puts after an assistant turn's EOS for these tool messages,
-    up to and including the next assistant turn's generation prompt (TRL's
-    _get_tool_suffix_ids: a dummy user + assistant(tool call) conversation rendered with and
-    without the tool messages; the EOS-trimmed first is a prefix of the second)."""
+    """Token ids the chat template puts after an assistant turn's end (its EOS) for these tool
+    messages, up to and including the next assistant turn's generation prompt.
+
+    As TRL's _get_tool_suffix_ids, from a dummy conversation (a user message, an assistant
+    message calling the first tool) rendered with the tool messages and the generation prompt;
+    the suffix is what follows the assistant message's EOS. Unlike TRL, the assistant message
+    itself may render differently once tool messages follow it (Qwen3's template drops an
+    empty `<think>` block from earlier turns): only the user message must render the same
+    alone, which every template we know does."""
     kwargs = dict(template_kwargs or {})
     call = {"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}
-    dummy = [
-        {"role": "user", "content": "dummy"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-    ]
-    prefix = _ids(tokenizer.apply_chat_template(dummy, add_generation_prompt=False, **kwargs))
+    user = [{"role": "user", "content": "dummy"}]
+    dummy = [*user, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    opening = _ids(tokenizer.apply_chat_template(user, add_generation_prompt=False, **kwargs))
     full = _ids(
         tokenizer.apply_chat_template(dummy + tool_messages, add_generation_prompt=True, **kwargs)
     )
-    eos = tokenizer.eos_token_id
-    ends = [i for i, token in enumerate(prefix) if token == eos]
-    if ends:
-        prefix = prefix[: ends[-1] + 1]
-    if full[: len(prefix)] != prefix:
+    if full[: len(opening)] != opening:
         raise ValueError(
-            "the chat template renders an assistant turn differently once tool results follow "
-            "it (not prefix-preserving), so tool results cannot be appended to the tokens"
+            "the chat template renders a user message differently once an assistant turn "
+            "follows it, so tool results cannot be appended to the tokens"
         )
-    return full[len(prefix) :]
+    eos = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm's wrapper: every EOS
+    eos = {tokenizer.eos_token_id} if eos is None or isinstance(eos, int) else set(eos)
+    ends = [i for i in range(len(opening), len(full)) if full[i] in eos]
+    if not ends:
+        raise ValueError("the chat template ends an assistant turn with no EOS token")
+    return full[ends[0] + 1 :]
 
 
 def _ids(encoded) -> list[int]:

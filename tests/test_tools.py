@@ -367,3 +367,24 @@ def test_an_environment_without_reset_is_a_one_line_error():
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="environment_factory 'nowhere.Env' cannot be imported"):
         tools.resolve_environment_factory("nowhere.Env")
+
+
+def test_qwen3s_own_template_renders_tools_and_its_suffix_is_found():
+    """Qwen3's chat template (tests/fixtures/qwen3_chat_template.jinja, as Qwen/Qwen3-0.6B ships
+    it; TRL keeps the same copy) drops the empty <think> block of an assistant turn once tool
+    messages follow it, which TRL's prefix check rejects; the suffix after the turn's EOS is
+    still exactly the template's tool block and generation prompt."""
+    from pathlib import Path
+
+    tokenizer = build_tokenizer(tools=True)
+    template = Path(__file__).parent / "fixtures" / "qwen3_chat_template.jinja"
+    tokenizer.chat_template = template.read_text()
+    tools.check_tool_template(tokenizer)
+    assert tools.tool_call_parser(tokenizer).family == "qwen3"
+    messages = [{"role": "tool", "name": "add", "content": "579"}]
+    block = "\n<|im_start|>user\n<tool_response>\n579\n</tool_response><|im_end|>\n"
+    assert tokenizer.decode(tools.tool_suffix_ids(tokenizer, messages)) == (
+        block + "<|im_start|>assistant\n"
+    )
+    no_thinking = tools.tool_suffix_ids(tokenizer, messages, {"enable_thinking": False})
+    assert tokenizer.decode(no_thinking) == block + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
