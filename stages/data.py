@@ -69,15 +69,16 @@ def arithmetic_rows(n: int, seed: int = 0, max_operand: int = 4) -> list[dict]:
 
 
 def tool_arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
-    """The tools quickstart's task: "a+b=" with three-digit a, b; the answer is the sum.
+    """The tools quickstart's task: "a+b=" with three-digit a, b in 500..999 (so every sum has
+    four digits); the answer is the sum.
 
     The built-in tiny model cannot add three-digit numbers from its weights (a 2-layer model
     with 64 dimensions, trained on no sums); with the `add` tool it only has to copy the
     operands into the call and the tool's result into its answer.
     """
     rng = np.random.default_rng([seed, 3])
-    a = rng.integers(100, 1000, size=n)
-    b = rng.integers(100, 1000, size=n)
+    a = rng.integers(500, 1000, size=n)
+    b = rng.integers(500, 1000, size=n)
     return [{"prompt": f"{x}+{y}=", "answer": str(x + y)} for x, y in zip(a.tolist(), b.tolist())]
 
 

@@ -126,7 +126,7 @@ BUILD_VERSION = 1
 WARMUP_STEPS = 40
 # The tools model's warm-up (its own cache key: the other built-ins' builds are unchanged).
 TOOLS_BUILD_VERSION = 1
-TOOLS_WARMUP = {"steps": 300, "batch": 32, "learning_rate": 3e-3, "copy_probability": 0.5}
+TOOLS_WARMUP = {"steps": 600, "batch": 32, "learning_rate": 3e-3, "digit_noise": 0.25}
 
 
 def cache_root() -> Path:
@@ -197,25 +197,34 @@ def _format_warmup(model: nn.Module, hf_tokenizer, seed: int) -> None:
         del step, loss
 
 
+def _noisy(number: int, rng, noise: float) -> int:
+    """`number` with each decimal digit replaced by a random one with probability `noise` (the
+    first digit stays non-zero, so the number keeps its length)."""
+    digits = []
+    for i, digit in enumerate(str(number)):
+        if rng.random() < noise:
+            digit = str(rng.integers(1 if i == 0 else 0, 10))
+        digits.append(digit)
+    return int("".join(digits))
+
+
 def _tool_warmup_example(hf_tokenizer, row: dict, rng, schemas: list[dict]):
     """One warm-up conversation in the rollout's token layout: (tokens, weights), weights 1 on
     the assistant's tokens (the call turn and the answer turn, each with its EOS).
 
-    The call has the chat template's syntax; each argument is the prompt's operand with
-    probability `copy_probability`, else a random three-digit number; the tool message holds
-    the add tool's real result for those arguments; the answer is that result with the same
-    probability, else a random number. So the model learns the syntax of a call and an answer
-    and starts reading the prompt and the tool result sometimes; never reliably."""
+    The call has the chat template's syntax and the prompt's operands as arguments, the answer
+    is the tool's result, but every digit of the arguments and of the answer is replaced by a
+    random digit with probability `digit_noise`; the tool message holds the add tool's real
+    result for the arguments written. So the model learns the syntax of a call and of an
+    answer and to read the prompt and the tool's result, but not reliably: at first fewer
+    than one answer in ten is right, and GRPO has to make it exact."""
     from stages.tools import add, tool_suffix_ids
 
-    p = TOOLS_WARMUP["copy_probability"]
+    noise = TOOLS_WARMUP["digit_noise"]
     a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
-    args = {
-        "a": a if rng.random() < p else int(rng.integers(100, 1000)),
-        "b": b if rng.random() < p else int(rng.integers(100, 1000)),
-    }
+    args = {"a": _noisy(a, rng, noise), "b": _noisy(b, rng, noise)}
     result = add(**args)
-    answer = result if rng.random() < p else int(rng.integers(200, 2000))
+    answer = _noisy(result, rng, noise)
     messages = [{"role": "user", "content": row["prompt"]}]
     prompt = list(
         hf_tokenizer.apply_chat_template(
