@@ -51,6 +51,13 @@ def multi_turn(cfg: GRPOConfig, tokenizer=None) -> multiturn.MultiTurn | None:
     if not (r.multi_turn or r.rollout_func):
         return None
     try:
+        # what needs no tokenizer first: a bad import path fails before any model is built
+        for spec in r.tools:
+            tools.tool_schema(tools.resolve_tool(spec))
+        if r.environment_factory:
+            tools.resolve_environment_factory(r.environment_factory)
+        if r.rollout_func:
+            multiturn.resolve_rollout_func(r.rollout_func)
         if tokenizer is None:
             from mlx_lm.utils import load_tokenizer
 

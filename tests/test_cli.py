@@ -248,3 +248,174 @@ def test_dynamic_sampling_resumes_exactly_and_logs_its_rounds(tmp_path):
         "frac_reward_zero_std",
     ):
         assert name in runs[0].data.metrics, name
+
+
+# -- tools ----------------------------------------------------------------------------------------
+
+TOOLS_SHRUNK = (
+    "+experiment=tools_quickstart",
+    "train.steps=2",
+    "checkpoint.every=2",
+    "train.prompts_per_step=2",
+    "rollout.group_size=4",
+)
+
+TOOL_MODULE = '''
+def untyped(a, b):
+    """Add.
+
+    Args:
+        a: the first
+        b: the second
+    """
+    return a + b
+
+
+class NoReset:
+    def add(self, a: int, b: int) -> int:
+        """Add.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        return a + b
+'''
+
+
+@pytest.fixture(scope="module")
+def tools_model():
+    """The built-in tools model, built once in the session's cache before the runs use it."""
+    from stages.load_weights import resolve_path
+
+    return resolve_path("builtin:tiny_qwen3_tools")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (
+            ["rollout.tools=[no_such.module.add]"],
+            "tool 'no_such.module.add' cannot be imported: No module named 'no_such'",
+        ),
+        (
+            ["rollout.tools=[my_tools.untyped]"],
+            "tool untyped has no usable JSON schema: Argument a is missing a type hint",
+        ),
+        (
+            ["rollout.tools=[]", "rollout.environment_factory=my_tools.NoReset"],
+            "makes NoReset objects with no callable reset(**row)",
+        ),
+        (["model.path=builtin:tiny_qwen3"], "chat template has no tool support"),
+    ],
+)
+def test_bad_tool_input_is_one_line_before_training(tmp_path, overrides, fragment):
+    (tmp_path / "my_tools.py").write_text(TOOL_MODULE)
+    result = run_grpo(tmp_path, "+experiment=tools_quickstart", *overrides, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], lines
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_tools_run_logs_tool_metrics_and_conversations(tmp_path, tools_model):
+    import json
+
+    result = run_grpo(tmp_path, *TOOLS_SHRUNK, "mlflow.log_completions_every=1", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, runs = _mlflow_run(tmp_path)
+    run = runs[0]
+    for metric in (
+        "tools/call_frequency",
+        "tools/failure_frequency",
+        "tools/turns_per_row",
+        "tools/truncated_outputs",
+        *(f"tools/failures/{k}" for k in ("invalid_json", "bad_call", "unknown_tool")),
+        *(f"tools/failures/{k}" for k in ("exception", "timeout")),
+        "completions/mean_length",
+        "rewards/exact_answer/mean",
+        "entropy",
+    ):
+        assert metric in run.data.metrics, metric
+    assert run.data.metrics["tools/call_frequency"] > 0.5
+    path = client.download_artifacts(run.info.run_id, "completions/step_000001.json", tmp_path)
+    table = json.loads(Path(path).read_text())
+    columns = table["columns"]
+    assert {"conversation", "tool_calls", "completion", "reward"} <= set(columns)
+    conversation = json.loads(table["data"][0][columns.index("conversation")])
+    assert conversation[0]["role"] == "assistant" and "tool_calls" in conversation[0]
+    assert conversation[1]["role"] == "tool"
+
+
+def test_tools_quickstart_learns(tmp_path, tools_model):
+    """The tools quickstart's bar: default run and seed, last-10 mean reward >= first-10 + 0.3."""
+    result = run_grpo(tmp_path, "+experiment=tools_quickstart", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from stages import checkpoint
+
+    state = checkpoint.load_state(
+        checkpoint.latest(tmp_path / "outputs" / "tools-quickstart" / "checkpoints")
+    )
+    rewards = [h["reward"] for h in state["history"]]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last - first >= 0.3, (first, last)
+
+
+ENVIRONMENT_MODULE = '''
+import random
+
+
+class Adder:
+    """No dataset: reset() draws the sum from the placeholder row's seed and returns it as the
+    prompt; the add method is the tool; the reward is whether add saw the prompt's operands."""
+
+    def reset(self, **row):
+        rng = random.Random(row["seed"])
+        self.operands = (rng.randint(500, 999), rng.randint(500, 999))
+        self.calls = []
+        return "{}+{}=".format(*self.operands)
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        self.calls.append((a, b))
+        return a + b
+
+    def get_reward(self) -> float:
+        return float(self.operands in self.calls)
+'''
+
+
+def test_environment_run_without_a_dataset(tmp_path, tools_model):
+    """TRL's environment_factory with no dataset: placeholder rows, reset() makes each prompt,
+    the object's method is the tool, its get_reward() the only reward (named after the class)."""
+    import json
+
+    (tmp_path / "my_envs.py").write_text(ENVIRONMENT_MODULE)
+    result = run_grpo(
+        tmp_path,
+        *TOOLS_SHRUNK,
+        "rollout.tools=[]",
+        "rollout.environment_factory=my_envs.Adder",
+        "data.source=builtin:none",
+        "data.num_rows=16",
+        "~reward.funcs.exact_answer",
+        "mlflow.log_completions_every=1",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, runs = _mlflow_run(tmp_path)
+    metrics = runs[0].data.metrics
+    assert "rewards/Adder/mean" in metrics and metrics["tools/call_frequency"] > 0.5
+    path = client.download_artifacts(runs[0].info.run_id, "completions/step_000001.json", tmp_path)
+    table = json.loads(Path(path).read_text())
+    columns, first = table["columns"], table["data"][0]
+    prompt = first[columns.index("prompt")]
+    a, b = prompt.split("<|im_start|>user\n")[1].split("=")[0].split("+")
+    assert 500 <= int(a) <= 999 and 500 <= int(b) <= 999  # the observation is the prompt
+    conversation = json.loads(first[columns.index("conversation")])
+    assert conversation[0]["tool_calls"][0]["function"]["name"] == "add"
