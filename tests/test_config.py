@@ -233,3 +233,39 @@ def _flat(node, prefix=""):
             out.update(_flat(value, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): node}
+
+
+def test_the_calculator_experiment_sets_up_on_qwen3s_own_template():
+    """gsm8k_calculator_qwen3_0_6b against Qwen3-0.6B's chat template (tests/fixtures; the
+    weights are not needed): the calculator's schema and the system prompt are rendered, the
+    parser is Qwen3's, the non-thinking generation prompt ends the prompt, and a calculator
+    call's result is appended as Qwen3's <tool_response> turn."""
+    from stages import multiturn, tools
+    from stages.data import encode_prompt, prompt_messages
+    from stages.tiny_model import build_tokenizer
+
+    from pipelines.config import to_schema
+
+    cfg = to_schema(compose(["+experiment=gsm8k_calculator_qwen3_0_6b"]))
+    tokenizer = build_tokenizer(tools=True)
+    template = CONF_DIR.parent / "tests" / "fixtures" / "qwen3_chat_template.jinja"
+    tokenizer.chat_template = template.read_text()
+    kwargs = dict(cfg.data.chat_template_kwargs)
+    turns = multiturn.setup(
+        cfg.rollout, tokenizer, system_prompt=cfg.data.system_prompt, template_kwargs=kwargs
+    )
+    assert turns.toolbox.parser.family == "qwen3" and turns.toolbox.max_iterations == 4
+    messages = prompt_messages("What is 12*7?", cfg.data.system_prompt)
+    schemas = turns.toolbox.schemas()
+    text = tokenizer.apply_chat_template(
+        messages, tools=schemas, add_generation_prompt=True, tokenize=False, **kwargs
+    )
+    assert '"name": "calculator"' in text and cfg.data.system_prompt in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    ids = encode_prompt(tokenizer, messages, template_kwargs=kwargs, tools=schemas)
+    assert ids == list(tokenizer.encode(text, add_special_tokens=False))
+    text = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>'
+    _, (call,) = turns.toolbox.parser.parse(text)
+    result = tools.run_call(call, turns.toolbox.functions(), 10.0, 2000)
+    suffix = tools.tool_suffix_ids(tokenizer, [result.message()], kwargs)
+    assert tokenizer.decode(suffix).startswith("\n<|im_start|>user\n<tool_response>\n84\n")
