@@ -276,3 +276,43 @@ def test_compare_against_a_running_mlflow_server(tmp_path, mlflow_server):
     assert len(compare_runs) == 1
     paths = [a.path for a in client.list_artifacts(compare_runs[0].info.run_id, "compare")]
     assert sorted(paths) == ["compare/compare.png", "compare/compare.txt"]
+
+
+TOOLS_TINY = (
+    "+experiment=tools_quickstart",
+    "train.steps=6",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=0",
+    "train.prompts_per_step=2",
+    "rollout.group_size=4",
+    "mlflow.log_completions_every=0",
+    "+reward.funcs.exact_answer._target_=faults.slow_exact_answer",
+)
+
+
+def test_tool_run_sigkill_then_resume_matches_uninterrupted(tmp_path, prefect_api):
+    """A multi-turn run (the tools quickstart: tool calls, tool tokens in the cache and in the
+    update's forward) killed after its first checkpoint and resumed ends with the weights and
+    optimizer state of an uninterrupted run."""
+    from stages import checkpoint
+    from stages.load_weights import resolve_path
+
+    resolve_path("builtin:tiny_qwen3_tools")  # built once in the session's cache
+    root = Path("outputs") / "tools-quickstart" / "checkpoints"
+    code, stderr = train(tmp_path / "whole", prefect_api, *TOOLS_TINY, timeout=600)
+    assert code == 0, stderr[-3000:]
+    killed = tmp_path / "killed"
+    process = start(killed, prefect_api, *TOOLS_TINY, GRPO_TEST_REWARD_SLEEP="0.4")
+    wait_for(lambda: (killed / root / "step-00000002").is_dir(), 400, "step 2")
+    time.sleep(random.uniform(0.0, 1.2))
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    killed_at = checkpoint.load_state(checkpoint.latest(killed / root))["step"]
+    assert 2 <= killed_at < 6
+    code, stderr = train(killed, prefect_api, *TOOLS_TINY, "run.resume=latest", timeout=600)
+    assert code == 0, stderr[-3000:]
+    final = "step-00000006"
+    difference = max_difference(tmp_path / "whole" / root / final, killed / root / final)
+    assert difference <= TOLERANCE, f"killed at step {killed_at}: max |diff| {difference}"
+    state = checkpoint.load_state(tmp_path / "whole" / root / final)
+    assert state["data_position"] == 6 * 2

@@ -206,3 +206,48 @@ def test_dynamic_sampling_two_processes_keep_the_same_groups_as_one(tmp_path):
         np.testing.assert_allclose(
             np.array(value), np.array(expected[name]), atol=1e-5, rtol=0, err_msg=name
         )
+
+
+def test_tool_run_two_processes_train_like_one(tmp_path):
+    """Multi-turn rollouts with the add tool: every row draws with its global row's keys and
+    the tool rounds do not depend on which rows share a batch, so 2 processes give 1 process's
+    rewards, tool metrics and weights."""
+    from stages import checkpoint
+    from stages.load_weights import resolve_path
+
+    import numpy as np
+
+    resolve_path("builtin:tiny_qwen3_tools")  # built once in the session's cache
+    overrides = (
+        "+experiment=tools_quickstart",
+        "train.steps=2",
+        "train.prompts_per_step=4",
+        "rollout.group_size=4",
+        "checkpoint.every=2",
+        "train.scale_rewards=batch",
+        "mlflow.log_completions_every=1",
+    )
+    root = Path("outputs") / "tools-quickstart" / "checkpoints" / "step-00000002"
+    one = run(tmp_path / "one", *overrides, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(tmp_path / "two", *overrides, processes=2, timeout=600)
+    assert two.stdout.count("done: 2 steps") == 1, two.stdout[-2000:] + two.stderr[-3000:]
+    for a, b in zip(
+        checkpoint.load_state(tmp_path / "one" / root)["history"],
+        checkpoint.load_state(tmp_path / "two" / root)["history"],
+        strict=True,
+    ):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    single, parallel = _weights(tmp_path / "one" / root), _weights(tmp_path / "two" / root)
+    for name, value in single.items():
+        np.testing.assert_allclose(
+            np.array(parallel[name]), np.array(value), atol=1e-5, rtol=0, err_msg=name
+        )
+    metrics = []
+    for directory in ("one", "two"):
+        client, runs = _runs(tmp_path / directory)
+        metrics.append(runs[0].data.metrics)
+    assert metrics[0]["tools/call_frequency"] > 0.5  # the rows did call the tool
+    for name in ("tools/call_frequency", "tools/turns_per_row", "completions/mean_length"):
+        assert metrics[0][name] == pytest.approx(metrics[1][name], abs=1e-6), name
