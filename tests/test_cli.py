@@ -419,3 +419,52 @@ def test_environment_run_without_a_dataset(tmp_path, tools_model):
     assert 500 <= int(a) <= 999 and 500 <= int(b) <= 999  # the observation is the prompt
     conversation = json.loads(first[columns.index("conversation")])
     assert conversation[0]["tool_calls"][0]["function"]["name"] == "add"
+
+
+FAULTY_TOOL_MODULE = '''
+import sys
+import time
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers; raises, hangs or floods its output, depending on a.
+
+    Args:
+        a: the first
+        b: the second
+    """
+    if a % 3 == 0:
+        raise RuntimeError("no")
+    if a % 3 == 1:
+        time.sleep(60)
+    print("x" * 2_000_000)
+    sys.stderr.write("y" * 2_000_000)
+    return str(a + b) * 500_000
+'''
+
+
+def test_a_tool_that_raises_hangs_or_floods_never_stops_training(tmp_path, tools_model):
+    """A run whose only tool raises, hangs (past rollout.tool_timeout) or prints and returns
+    megabytes trains to the end: each failure is counted and logged, the output cut, the
+    console untouched."""
+    (tmp_path / "my_faulty.py").write_text(FAULTY_TOOL_MODULE)
+    result = run_grpo(
+        tmp_path,
+        *TOOLS_SHRUNK,
+        "rollout.tools=[my_faulty.add]",
+        "rollout.tool_timeout=0.5",
+        "mlflow.log_completions_every=0",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout) + len(result.stderr) < 100_000
+    client, runs = _mlflow_run(tmp_path)
+    run_id = runs[0].info.run_id
+    assert runs[0].data.metrics["tools/call_frequency"] > 0.5
+
+    def over_the_run(name):
+        return sum(m.value for m in client.get_metric_history(run_id, name))
+
+    names = ["tools/failures/exception", "tools/failures/timeout", "tools/truncated_outputs"]
+    counted = {name: over_the_run(name) for name in names}
+    assert min(counted.values()) > 0, counted
