@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from stages import checkpoint, data, distributed, grpo_update, lora, multiturn, rewards, rollout
@@ -32,6 +33,7 @@ from pipelines.inputs import (
     encode_prompts,
     load_data,
     load_policy,
+    memory_budget,
     multi_turn,
     preflight,
     resume_point,
@@ -102,6 +104,11 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         if "optimizer" in state:
             optimizer.init(model.trainable_parameters())
             optimizer.state = state["optimizer"]
+        if t.micro_batch_size == "auto":  # measured once; a resumed run keeps its choice
+            planned = state.get("micro_batch_size") or plan_micro_batch(
+                cfg, t, model, optimizer, ref_model, tokenizer, rows, world, turns
+            )
+            t = replace(t, micro_batch_size=planned)
 
         start_step = state.get("step", 0)
         history: list[dict] = state.get("history", [])
@@ -133,6 +140,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
                     "mlflow_run_id": tracker.run_id,
                     "history": history,
                     "config": to_container(cfg),
+                    "micro_batch_size": t.micro_batch_size,
                     "optimizer": optimizer.state,
                 },
                 cfg.checkpoint.keep_last,
@@ -343,6 +351,45 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         tracker.finish(status)
 
 
+def plan_micro_batch(
+    cfg, train_cfg, model, optimizer, ref_model, tokenizer, rows, world, turns=None
+) -> int:
+    """train.micro_batch_size=auto: the most rows per micro-batch that fit the memory budget,
+    measured on this model at the longest prompt + the completion width (rollout.max_new_tokens;
+    with tools rollout.max_completion_length, tool results included); every rank agrees on the
+    smallest. A tool run's prompts are measured with the tools' schemas rendered (an
+    environment's observations and methods are not known before its reset). Printed once."""
+    if turns is not None and turns.toolbox is not None:
+        schemas = turns.toolbox.schemas()
+        prompts = [
+            data.encode_prompt(
+                tokenizer,
+                data.prompt_messages(row["prompt"], turns.system_prompt),
+                template_kwargs=turns.template_kwargs,
+                tools=schemas,
+            )
+            for row in rows
+        ]
+    else:
+        prompts = encode_prompts(tokenizer, rows, cfg)
+    longest = max(map(len, prompts))
+    per_step = cfg.train.prompts_per_step * cfg.rollout.group_size
+    plan = grpo_update.plan_micro_batch(
+        model,
+        optimizer,
+        train_cfg,
+        max_rows=per_step // train_cfg.steps_per_generation // world.size,
+        prompt_tokens=longest,
+        completion_tokens=cfg.rollout.completion_budget,
+        budget_bytes=memory_budget(cfg),
+        ref_model=ref_model,
+    )
+    chosen = int(distributed.all_extreme(mx.array(plan.rows), world, largest=False).item())
+    if world.is_main:
+        print(f"train.micro_batch_size=auto: {plan.describe()}", file=sys.stderr, flush=True)
+    return chosen
+
+
 def _peer_lost(error: RuntimeError) -> str:
     return (
         f"lost contact with another process of the group ({error}): it exited or was killed. "
@@ -376,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except safety.TrainingStopped as stopped:
             return stopped.exit_code
+        except grpo_update.MemoryBudgetError as error:
+            print(f"error (rank {world.rank}): {error}", file=sys.stderr)
+            return 2
         except rewards.RewardError as error:
             print(f"error (rank {world.rank}): {error}", file=sys.stderr)
             return 1
@@ -395,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{stopped}; checkpoint saved at step {stopped.step}", file=sys.stderr)
         print(resume.resume_hint(overrides), file=sys.stderr)
         return stopped.exit_code
+    except grpo_update.MemoryBudgetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except rewards.RewardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -116,6 +116,10 @@ def test_resume_latest_continues_from_the_checkpoint(tmp_path):
         (["model.path=/nonexistent/model"], "model directory /nonexistent/model does not exist"),
         (["data.source=DATA"], "no prompt column 'prompt'"),
         (["reward.funcs.made_up._target_=no_such.module"], "reward.funcs.made_up"),
+        (
+            ["train.micro_batch_size=auto", "train.memory_budget_gb=0.000001"],
+            "train.memory_budget_gb=1e-06 cannot hold the model",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_loading(tmp_path, overrides, fragment):
@@ -128,6 +132,25 @@ def test_bad_input_is_one_line_before_loading(tmp_path, overrides, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], lines
     assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_micro_batch_size_auto_is_planned_once_and_kept_on_resume(tmp_path):
+    auto = (*SHRUNK, "train.micro_batch_size=auto", "train.memory_budget_gb=4")
+    first = run_grpo(tmp_path, *auto[:1], "train.steps=2", *auto[2:])
+    assert first.returncode == 0, first.stderr[-3000:]
+    planned = [line for line in first.stderr.splitlines() if "micro_batch_size=auto:" in line]
+    assert len(planned) == 1 and "rows per micro-batch (budget 4.00 GB" in planned[0], planned
+    rows = int(planned[0].split("auto: ")[1].split()[0])
+    assert 1 <= rows <= 16  # 4 prompts x 4 completions
+
+    from stages import checkpoint
+
+    root = tmp_path / "outputs" / "quickstart" / "checkpoints"
+    assert checkpoint.load_state(checkpoint.latest(root))["micro_batch_size"] == rows
+    second = run_grpo(tmp_path, *auto, "run.resume=latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "micro_batch_size=auto:" not in second.stderr  # the resumed run keeps the choice
+    assert checkpoint.load_state(checkpoint.latest(root))["micro_batch_size"] == rows
 
 
 def test_quickstart_default_run_learns(tmp_path):
@@ -319,10 +342,25 @@ def test_bad_tool_input_is_one_line_before_training(tmp_path, overrides, fragmen
 
 
 def test_tools_run_logs_tool_metrics_and_conversations(tmp_path, tools_model):
+    """Also: micro_batch_size=auto plans for the prompt with the tools' schemas rendered plus
+    the whole completion width (generated and tool tokens)."""
     import json
+    import re
 
-    result = run_grpo(tmp_path, *TOOLS_SHRUNK, "mlflow.log_completions_every=1", timeout=600)
+    from stages.tiny_model import build_tokenizer
+    from stages.tools import add, tool_schema
+
+    auto = ("train.micro_batch_size=auto", "train.memory_budget_gb=4")
+    result = run_grpo(tmp_path, *TOOLS_SHRUNK, *auto, "mlflow.log_completions_every=1", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    prompt = build_tokenizer(tools=True).apply_chat_template(
+        [{"role": "user", "content": "512+634="}],
+        tools=[tool_schema(add)],
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+    planned = re.search(r"micro_batch_size=auto: .* row of (\d+) tokens", result.stderr)
+    assert planned and int(planned.group(1)) == len(prompt) + 128, result.stderr[-2000:]
     client, runs = _mlflow_run(tmp_path)
     run = runs[0]
     for metric in (
