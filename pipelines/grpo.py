@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from stages import checkpoint, data, distributed, grpo_update, lora, rewards, rollout
@@ -32,6 +33,7 @@ from pipelines.inputs import (
     encode_prompts,
     load_data,
     load_policy,
+    memory_budget,
     preflight,
     resume_point,
     reward_funcs,
@@ -100,6 +102,11 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         if "optimizer" in state:
             optimizer.init(model.trainable_parameters())
             optimizer.state = state["optimizer"]
+        if t.micro_batch_size == "auto":  # measured once; a resumed run keeps its choice
+            planned = state.get("micro_batch_size") or plan_micro_batch(
+                cfg, t, model, optimizer, ref_model, tokenizer, rows, world
+            )
+            t = replace(t, micro_batch_size=planned)
 
         start_step = state.get("step", 0)
         history: list[dict] = state.get("history", [])
@@ -133,6 +140,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
                     "history": history,
                     "evals": evals,
                     "config": to_container(cfg),
+                    "micro_batch_size": t.micro_batch_size,
                     "optimizer": optimizer.state,
                 },
                 cfg.checkpoint.keep_last,
@@ -352,6 +360,28 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         tracker.finish(status)
 
 
+def plan_micro_batch(cfg, train_cfg, model, optimizer, ref_model, tokenizer, rows, world) -> int:
+    """train.micro_batch_size=auto: the most rows per micro-batch that fit the memory budget,
+    measured on this model at the longest prompt + rollout.max_new_tokens (every rank agrees on
+    the smallest). Printed once."""
+    longest = max(map(len, encode_prompts(tokenizer, rows, cfg)))
+    per_step = cfg.train.prompts_per_step * cfg.rollout.group_size
+    plan = grpo_update.plan_micro_batch(
+        model,
+        optimizer,
+        train_cfg,
+        max_rows=per_step // train_cfg.steps_per_generation // world.size,
+        prompt_tokens=longest,
+        completion_tokens=cfg.rollout.max_new_tokens,
+        budget_bytes=memory_budget(cfg),
+        ref_model=ref_model,
+    )
+    chosen = int(distributed.all_extreme(mx.array(plan.rows), world, largest=False).item())
+    if world.is_main:
+        print(f"train.micro_batch_size=auto: {plan.describe()}", file=sys.stderr, flush=True)
+    return chosen
+
+
 def _peer_lost(error: RuntimeError) -> str:
     return (
         f"lost contact with another process of the group ({error}): it exited or was killed. "
@@ -385,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except safety.TrainingStopped as stopped:
             return stopped.exit_code
+        except grpo_update.MemoryBudgetError as error:
+            print(f"error (rank {world.rank}): {error}", file=sys.stderr)
+            return 2
         except rewards.RewardError as error:
             print(f"error (rank {world.rank}): {error}", file=sys.stderr)
             return 1
@@ -404,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{stopped}; checkpoint saved at step {stopped.step}", file=sys.stderr)
         print(resume.resume_hint(overrides), file=sys.stderr)
         return stopped.exit_code
+    except grpo_update.MemoryBudgetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except rewards.RewardError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

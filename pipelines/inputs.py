@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import data, load_weights, lora, rewards
+from stages import backend, data, load_weights, lora, rewards
 
 from pipelines import resume
 from pipelines.config import GRPOConfig
@@ -80,9 +80,36 @@ def preflight(cfg: GRPOConfig) -> None:
     try:
         if not cfg.model.path.startswith(load_weights.BUILTIN_PREFIX):
             check_model(cfg)
+        if cfg.train.micro_batch_size == "auto":
+            check_memory_budget(cfg)
     except (OSError, ValueError) as error:
         raise InputError(str(error)) from None
     load_data(cfg)
+
+
+def memory_budget(cfg: GRPOConfig) -> int:
+    """train.memory_budget_gb in bytes, or the device's (stages.backend.memory_budget)."""
+    if cfg.train.memory_budget_gb is not None:
+        return int(cfg.train.memory_budget_gb * 1e9)
+    return backend.memory_budget()[0]
+
+
+def check_memory_budget(cfg: GRPOConfig) -> None:
+    """With micro_batch_size=auto: the model's weights, gradients and AdamW state (counted from
+    the safetensors headers, before anything loads) must leave room for rows."""
+    values = load_weights.parameter_count(load_weights.resolve_path(cfg.model.path))
+    dtype = cfg.model.dtype if cfg.model.dtype in ("float32", "bfloat16", "float16") else None
+    width = 4 if (dtype or str(backend.resolve_dtype("auto"))).endswith("float32") else 2
+    trained = 0 if cfg.model.lora.enabled else values
+    copies = 1 + (cfg.train.beta != 0 and not cfg.model.lora.enabled)  # the reference model
+    needed = (values * copies + 3 * trained) * width  # weights, gradients, AdamW's m and v
+    budget = memory_budget(cfg)
+    if needed >= budget:
+        raise InputError(
+            f"train.memory_budget_gb={budget / 1e9:.3g} cannot hold the model: its weights, "
+            f"gradients and AdamW state take {needed / 1e9:.1f} GB before any row; raise the "
+            "budget or set model.lora.enabled=true"
+        )
 
 
 def load_policy(cfg: GRPOConfig, resume_from: Path | None, tasks):

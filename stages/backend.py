@@ -107,3 +107,22 @@ def resolve_dtype(name: str | None):
     if name not in choices:
         raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(choices)}")
     return choices[name]
+
+
+def memory_budget() -> tuple[int, str]:
+    """(bytes, where the number comes from) that the training step may use on this device:
+    CUDA's free memory, Metal's recommended working set, or half the RAM on CPU."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        info = mx.device_info()
+        for key, what in (
+            ("free_memory", "CUDA's free memory"),
+            ("max_recommended_working_set_size", "Metal's recommended working set"),
+            ("memory_size", "the device's memory"),
+            ("total_memory", "the device's memory"),
+        ):
+            if info.get(key):
+                return int(info[key]), what
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // 2, "half the RAM"

@@ -10,8 +10,10 @@ advantages come from stages/advantages.py.
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from stages import distributed, grad_checkpoint, lora
 from stages.advantages import AGGREGATIONS, SCALE_REWARDS
@@ -27,6 +29,7 @@ from stages.losses import (
     sampler_importance_ratio,
 )
 from stages.policy import PackedBatch, StagedEval, completion_logprobs, pack, take_rows
+from stages.rollout import RolloutBatch
 from stages.settings import check, one_of, setting
 
 import mlx.core as mx
@@ -51,7 +54,16 @@ class TrainConfig:
     warmup_steps: int = setting(0, "linear warmup, in optimizer steps")
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay")
     max_grad_norm: float = setting(1.0, "clip by global norm; 0 disables")
-    micro_batch_size: int = setting(0, "rows per forward/backward (gradient accumulation); 0 = all")
+    micro_batch_size: Any = setting(
+        0,
+        "rows per forward/backward (gradient accumulation); 0 = all; auto = the most that fit "
+        "train.memory_budget_gb, measured at start",
+    )
+    memory_budget_gb: float | None = setting(
+        None,
+        "memory the update may use with micro_batch_size=auto; null: the device's (CUDA's free "
+        "memory, Metal's recommended working set, half the RAM on CPU)",
+    )
     loss_type: str = setting(
         "dapo",
         "grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo (TRL's; stages/losses.py)",
@@ -141,12 +153,16 @@ class TrainConfig:
         )
         check(self.beta >= 0, "beta", self.beta, ">= 0")
         check(self.num_iterations >= 1, "num_iterations", self.num_iterations, ">= 1")
+        micro = self.micro_batch_size
         check(
-            self.micro_batch_size >= 0,
+            micro == "auto"
+            or (isinstance(micro, int) and not isinstance(micro, bool) and micro >= 0),
             "micro_batch_size",
-            self.micro_batch_size,
-            ">= 0 (0 = whole batch)",
+            micro,
+            "auto, or rows >= 0 (0 = whole batch)",
         )
+        budget = self.memory_budget_gb
+        check(budget is None or budget > 0, "memory_budget_gb", budget, "null or > 0")
         one_of("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         one_of("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         check(self.delta is None or self.delta > 1, "delta", self.delta, "null or > 1")
@@ -342,6 +358,8 @@ def update_step(
     steps_per_generation > 1 each rank shuffles its own share (same-size optimizer batches,
     different rows than one process would draw).
     """
+    if cfg.micro_batch_size == "auto":
+        raise ValueError("micro_batch_size=auto: choose the rows first with plan_micro_batch")
     world = world or distributed.World()
     try:
         with grad_checkpoint.enabled(model, cfg.gradient_checkpointing):
@@ -509,3 +527,98 @@ def _micro_step_means(per_chunk: list[dict], world: distributed.World) -> dict[s
         finite = column[~np.isnan(column)]
         results[name] = float(finite.mean()) if finite.size else math.nan
     return results
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """What `plan_micro_batch` measured and chose (bytes are peak memory of one update)."""
+
+    rows: int  # rows per micro-batch
+    fixed_bytes: int  # weights, optimizer state, gradients and what does not grow with rows
+    per_row_bytes: int  # what one more row of the longest sequence adds
+    budget_bytes: int
+    tokens: int  # the sequence length planned for (longest prompt + max_new_tokens)
+
+    def describe(self) -> str:
+        return (
+            f"{self.rows} rows per micro-batch (budget {_size(self.budget_bytes)}: "
+            f"{_size(self.fixed_bytes)} for weights, optimizer and gradients, "
+            f"{_size(self.per_row_bytes)} per row of {self.tokens} tokens)"
+        )
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 1e8:
+        return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+class MemoryBudgetError(ValueError):
+    """Not even one row fits the memory budget; the message says what to change."""
+
+
+def plan_micro_batch(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    cfg: TrainConfig,
+    *,
+    max_rows: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    budget_bytes: int,
+    ref_model: nn.Module | None = None,
+) -> MicroBatchPlan:
+    """The largest micro-batch (<= max_rows) whose update fits `budget_bytes`, measured: one
+    update step (this config: loss, head, gradient checkpointing, reference model, AdamW) on
+    synthetic rows of the longest sequence, with 1 and then 2 rows, each undone afterwards
+    (weights and optimizer state are put back). Peak memory grows linearly with the rows of a
+    micro-batch (the vocabulary head's blocks do not grow: stages/policy.py), so the two
+    peaks give the fixed part and the part per row. Raises MemoryBudgetError when one row
+    does not fit."""
+    tokens = prompt_tokens + completion_tokens
+    optimizer.init(model.trainable_parameters())  # its state is part of the fixed memory
+
+    def peak_with(rows: int) -> int:
+        batch = _synthetic_batch(rows, prompt_tokens, completion_tokens)
+        probe = replace(cfg, micro_batch_size=rows, steps_per_generation=1, num_iterations=1)
+        params = tree_map(lambda x: x, model.trainable_parameters())
+        state = tree_map(lambda x: x, optimizer.state)
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        try:
+            update_step(model, optimizer, batch, mx.ones((rows,)), probe, ref_model)
+            return mx.get_peak_memory()
+        finally:  # undo the probe's step
+            model.update(params)
+            optimizer.state = state
+            gc.collect()
+            mx.clear_cache()
+
+    one = peak_with(1)
+    per_row = max(peak_with(2) - one, 1)
+    fixed = max(one - per_row, 0)
+    rows = min(max_rows, (budget_bytes - fixed) // per_row) if budget_bytes > fixed else 0
+    plan = MicroBatchPlan(int(rows), fixed, per_row, budget_bytes, tokens)
+    if plan.rows < 1:
+        raise MemoryBudgetError(
+            f"train.memory_budget_gb={budget_bytes / 1e9:.3g} cannot hold one row of {tokens} "
+            f"tokens: an update of one row needs {one / 1e9:.2f} GB; raise the budget, or set "
+            "train.gradient_checkpointing=true, model.lora.enabled=true, or a smaller "
+            "rollout.max_new_tokens"
+        )
+    return plan
+
+
+def _synthetic_batch(rows: int, prompt_tokens: int, completion_tokens: int):
+    """Rows of the given lengths (token 0 everywhere; memory does not depend on the values)."""
+    return RolloutBatch(
+        prompt_ids=[[0] * prompt_tokens for _ in range(rows)],
+        completion_ids=mx.zeros((rows, completion_tokens), dtype=mx.int32),
+        completion_mask=mx.ones((rows, completion_tokens), dtype=mx.float32),
+        logprobs=mx.zeros((rows, completion_tokens), dtype=mx.float32),
+        finish_reasons=["stop"] * rows,
+        prompt_texts=[""] * rows,
+        texts=[""] * rows,
+        group_size=rows,
+    )

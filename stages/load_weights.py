@@ -15,6 +15,7 @@ config.json.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -136,6 +137,16 @@ def _safetensors_header(file: Path) -> dict:
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files mlx-lm reads for `model_dir` (checked by check_model_dir)."""
     return sorted(model_dir.glob("model*.safetensors"))
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Number of stored values in the model's safetensors files (headers only; packed quantized
+    weights count as stored)."""
+    return sum(
+        math.prod(info["shape"])
+        for file in weight_files(model_dir)
+        for info in _safetensors_header(file).values()
+    )
 
 
 def check_model_dir(model_dir: Path) -> dict:

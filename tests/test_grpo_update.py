@@ -504,3 +504,67 @@ def test_schedules_with_warmup():
     np.testing.assert_allclose(values, [0.5, 0.75, *cosine], atol=1e-6)
     with pytest.raises(ValueError, match="lr schedule"):
         grpo_update.make_optimizer(1.0, schedule="step")
+
+
+# -- micro_batch_size=auto --------------------------------------------------------------------
+
+
+def test_plan_micro_batch_fits_the_budget_and_undoes_its_probes(tiny_path):
+    """The planned micro-batch's real update stays within the budget, one more row would not
+    fit by the plan's own measure, and the probe steps leave weights and optimizer as they were."""
+    from stages.load_weights import load
+
+    model, _ = load(tiny_path, dtype="float32")
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    cfg = TrainConfig(micro_batch_size="auto")
+    before = _start(tiny_path)
+    kwargs = dict(max_rows=64, prompt_tokens=12, completion_tokens=24)
+    probe = grpo_update.plan_micro_batch(model, optimizer, cfg, budget_bytes=1 << 40, **kwargs)
+    assert probe.rows == 64  # a huge budget: capped at the rows there are
+    assert probe.per_row_bytes > 0 and probe.tokens == 36
+    for name, value in tree_flatten(model.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(before[name]))
+    assert all(
+        float(mx.abs(v).max()) == 0
+        for k, v in tree_flatten(optimizer.state)
+        if k.endswith(".m") or k.endswith(".v")
+    )
+
+    budget = probe.fixed_bytes + 5 * probe.per_row_bytes + probe.per_row_bytes // 2
+    plan = grpo_update.plan_micro_batch(model, optimizer, cfg, budget_bytes=budget, **kwargs)
+    assert 3 <= plan.rows <= 7  # about 5: peaks are measured, not exact
+    assert plan.fixed_bytes + plan.rows * plan.per_row_bytes <= budget
+    assert plan.fixed_bytes + (plan.rows + 1) * plan.per_row_bytes > budget
+    assert f"{plan.rows} rows per micro-batch" in plan.describe()
+
+
+def test_plan_micro_batch_refuses_a_budget_below_one_row(tiny):
+    model, _ = tiny
+    with pytest.raises(grpo_update.MemoryBudgetError, match="cannot hold one row of 36 tokens"):
+        grpo_update.plan_micro_batch(
+            model,
+            optim.AdamW(learning_rate=1e-2),
+            TrainConfig(micro_batch_size="auto"),
+            max_rows=8,
+            prompt_tokens=12,
+            completion_tokens=24,
+            budget_bytes=1000,
+        )
+
+
+def test_micro_batch_size_auto_is_checked_and_planned_first(tiny):
+    assert TrainConfig(micro_batch_size="auto").validate() is None
+    for bad in ("all", -1, 1.5, True):
+        with pytest.raises(ValueError, match="micro_batch_size"):
+            TrainConfig(micro_batch_size=bad).validate()
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        TrainConfig(memory_budget_gb=0).validate()
+    batch, advantages = _rollout(tiny)
+    with pytest.raises(ValueError, match="plan_micro_batch"):
+        grpo_update.update_step(
+            tiny[0],
+            optim.SGD(learning_rate=1.0),
+            batch,
+            advantages,
+            TrainConfig(micro_batch_size="auto"),
+        )
