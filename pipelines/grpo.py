@@ -112,6 +112,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
 
         start_step = state.get("step", 0)
         history: list[dict] = state.get("history", [])
+        evals: list[dict] = state.get("evals", [])  # {"step", "reward", "accuracy"} per eval
         last_saved = start_step if resume_from else None
         progress = tqdm(
             total=t.steps,
@@ -139,6 +140,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
                     "seed": cfg.run.seed,
                     "mlflow_run_id": tracker.run_id,
                     "history": history,
+                    "evals": evals,
                     "config": to_container(cfg),
                     "micro_batch_size": t.micro_batch_size,
                     "optimizer": optimizer.state,
@@ -171,6 +173,30 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
                 batch.with_columns(batch_rows)
             scores = run_tasks.rewards_task(batch, funcs, cfg.reward, tracker, step)
             return batch, scores, distributed.all_gather(scores, world)
+
+        def evaluate(done: int) -> None:
+            """Rank 0: the held-out evaluation after `done` steps (0: before training)."""
+            metrics = run_tasks.evaluate_task(
+                model,
+                tokenizer,
+                eval_prompts,
+                eval_rows,
+                funcs,
+                cfg.rollout,
+                cfg.eval,
+                cfg.reward,
+                step_seed(cfg.run.seed, done, "eval"),
+                rank_tracker,
+                done,
+                turns,
+            )
+            evals.append(
+                {
+                    "step": done,
+                    "reward": metrics["eval/reward"],
+                    "accuracy": metrics["eval/accuracy"],
+                }
+            )
 
         parts = t.steps_per_generation
 
@@ -236,6 +262,8 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             )
 
         guard.install()
+        if world.is_main and eval_rows and cfg.eval.at_start and start_step == 0:
+            evaluate(0)
         for step in range(start_step, t.steps):
             guard.begin_step(step, model, optimizer, stream)
             step_start = time.perf_counter()
@@ -284,20 +312,7 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             done = step + 1
             due = (cfg.eval.every and done % cfg.eval.every == 0) or done == t.steps
             if world.is_main and eval_rows and due:
-                run_tasks.evaluate_task(
-                    model,
-                    tokenizer,
-                    eval_prompts,
-                    eval_rows,
-                    funcs,
-                    cfg.rollout,
-                    cfg.eval,
-                    cfg.reward,
-                    step_seed(cfg.run.seed, done, "eval"),
-                    rank_tracker,
-                    done,
-                    turns,
-                )
+                evaluate(done)
             if done % cfg.checkpoint.every == 0 or done == t.steps or guard.stop_requested:
                 last_saved = save(done, direct=guard.stop_requested)
             guard.raise_if_stopping(done)
@@ -328,6 +343,9 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
             summary["reward_last10"] = sum(h["reward"] for h in last) / len(last)
             output_dir.mkdir(parents=True, exist_ok=True)
             tracker.log_artifact(report.plot_rewards(history, output_dir / "curves.png"), "plots")
+        for name, record in (("first", evals[:1]), ("last", evals[-1:])):
+            for key, value in (record[0] if record else {}).items():
+                summary[f"eval_{name}_{key}"] = value  # eval_first_step, eval_last_accuracy, ...
         if final is not None:
             tracker.log_artifacts(final, "checkpoint")
         tracker.set_tags({f"summary.{k}": v for k, v in summary.items() if v is not None})
@@ -462,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"done: {summary['steps']} steps, mean reward first 10 steps {first:.3f} -> "
             f"last 10 steps {last:.3f}"
+        )
+    if "eval_first_step" in summary:
+        print(
+            f"eval on held-out prompts: accuracy {summary['eval_first_accuracy']:.3f} at step "
+            f"{summary['eval_first_step']} -> {summary['eval_last_accuracy']:.3f} at step "
+            f"{summary['eval_last_step']}"
         )
     print(f"checkpoint: {summary['checkpoint']}")
     if summary.get("fused"):

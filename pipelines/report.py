@@ -27,12 +27,19 @@ def summary_markdown(summary: dict, history: list[dict], link: str) -> str:
         ("mean reward, first 10 steps", _fmt(summary.get("reward_first10"))),
         ("mean reward, last 10 steps", _fmt(summary.get("reward_last10"))),
         ("final loss", _fmt(history[-1]["loss"] if history else None)),
+        ("eval accuracy, first eval", _eval(summary, "first")),
+        ("eval accuracy, last eval", _eval(summary, "last")),
         ("checkpoint", f"`{summary.get('checkpoint')}`"),
         ("MLflow run", link if link.startswith("http") else f"`{link}`"),
     ]
     lines = ["# GRPO run summary", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     return "\n".join(lines) + "\n"
+
+
+def _eval(summary: dict, which: str) -> str:
+    accuracy = summary.get(f"eval_{which}_accuracy")
+    return "-" if accuracy is None else f"{accuracy:.4f} (step {summary[f'eval_{which}_step']})"
 
 
 def _fmt(value) -> str:

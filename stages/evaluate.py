@@ -24,6 +24,9 @@ class EvalConfig:
     """`eval.*`: evaluation on held-out prompts (data.eval_size or data.eval_source)."""
 
     every: int = setting(0, "every N steps, and always at the end; 0: only at the end")
+    at_start: bool = setting(
+        False, "also before the first step (logged as step 0): the untrained model's score"
+    )
     num_samples: int = setting(1, "1: greedy; k > 1: k sampled completions per prompt (pass@k)")
     max_prompts: int = setting(0, "at most this many eval prompts; 0: all")
     batch_size: int = setting(16, "prompts per generate call")

