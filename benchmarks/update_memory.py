@@ -26,6 +26,7 @@ import stages  # noqa: F401  (attach the fast CPU BLAS before mlx.core)
 from stages import grpo_update, lora  # noqa: E402
 from stages.advantages import compute_advantages  # noqa: E402
 from stages.backend import resolve_dtype  # noqa: E402
+from stages.policy import StagedEval  # noqa: E402
 from stages.rollout import RolloutBatch  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
@@ -110,12 +111,21 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, bf16 on GPU")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="parts of the update evaluated at once (StagedEval.in_flight): 1 is leaner, 2 faster",
+    )
     args = parser.parse_args()
+    StagedEval.in_flight = args.in_flight
     if not 1 <= args.prompt_len < args.seq_len:
         parser.error("--prompt-len must be in [1, --seq-len)")
     print(
         f"device {mx.default_device()}, dtype {resolve_dtype(args.dtype)}, Qwen3-0.6B shape with "
-        f"{args.layers} blocks, {args.rows} x {args.seq_len} tokens ({args.prompt_len} prompt)"
+        f"{args.layers} blocks, {args.rows} x {args.seq_len} tokens ({args.prompt_len} prompt), "
+        f"{args.in_flight} part(s) in flight"
     )
     header = (
         f"{'variant':<16}{'trainable M':>12}{'peak GB':>10}{'resident GB':>13}"
