@@ -71,6 +71,11 @@ def use_fast_blas() -> str:
             file=sys.stderr,
         )
         return _state["blas"]
+    # One BLAS thread unless the user says otherwise: MLX's CPU backend runs one operation at a
+    # time on one worker thread, and a BLAS thread team on a CPU shared with other work waits at
+    # every barrier for a descheduled thread (docs/cpu.md has the measurements).
+    for variable in ("MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
     for candidate in _candidates():
         try:
             ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)

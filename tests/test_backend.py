@@ -62,3 +62,25 @@ def test_mlx_matmul_is_correct_with_the_chosen_blas():
     a = np.random.default_rng(0).standard_normal((257, 129)).astype(np.float32)
     b = np.random.default_rng(1).standard_normal((129, 65)).astype(np.float32)
     np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, rtol=1e-4, atol=1e-4)
+
+
+def _blas_threads(env_extra: dict, drop: tuple = ()) -> str:
+    env = {k: v for k, v in {**os.environ, **env_extra}.items() if k not in drop}
+    code = (
+        "import ctypes, os, stages; from stages import backend; name = backend.blas(); "
+        "n = ctypes.CDLL(name).MKL_Get_Max_Threads() if name.startswith('libmkl') else -1; "
+        "print(os.environ.get('MKL_NUM_THREADS'), n)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_one_blas_thread_unless_the_user_sets_it():
+    """MLX's CPU backend runs one operation at a time; a BLAS thread team on a shared CPU stalls
+    (docs/cpu.md). A user's MKL_NUM_THREADS is kept."""
+    mkl = backend.blas().startswith("libmkl")
+    assert _blas_threads({}, drop=("MKL_NUM_THREADS",)) == ("1 1" if mkl else "1 -1")
+    assert _blas_threads({"MKL_NUM_THREADS": "2"}) == ("2 2" if mkl else "2 -1")
