@@ -52,6 +52,7 @@ from stages.rollout import (
     check_prompts,
     context_length,
     left_pad,
+    uses_fused,
 )
 
 import mlx.core as mx
@@ -102,15 +103,10 @@ class ReprefillEngine:
 def make_engine(model: nn.Module, cfg: RolloutConfig):
     """The multi-turn engine for `cfg.engine`: auto and fused take the ragged fused engine where
     it runs the model; mlx_lm (or a model it does not run, under auto) the re-prefill one."""
-    if cfg.engine == "mlx_lm":
-        return ReprefillEngine(model, cfg.max_kv_size)
-    reason = fused_decode.unsupported(model)
-    if reason is None and cfg.max_kv_size:
-        reason = f"max_kv_size={cfg.max_kv_size} (a rotating cache)"
-    if reason is None:
-        return fused_decode.RaggedDecoder(model, prefill_step=PREFILL_STEP)
-    if cfg.engine == "fused":
-        raise ValueError(f"rollout engine=fused does not support {reason}; use auto or mlx_lm")
+    if uses_fused(model, cfg):
+        return fused_decode.RaggedDecoder(
+            model, prefill_step=PREFILL_STEP, compiled=cfg.fused_compile
+        )
     return ReprefillEngine(model, cfg.max_kv_size)
 
 

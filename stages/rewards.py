@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import importlib
 import inspect
 import json
 import math
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.chat import completion_parts
-from stages.settings import FieldError, check, one_of, setting
+from stages.settings import FieldError, check, import_callable, one_of, setting
 
 import mlx.core as mx
 
@@ -387,21 +386,8 @@ def resolve(spec: str | RewardFunc) -> tuple[str, RewardFunc]:
     """(name, function) for a registry name, an import path `pkg.module.fn`, or a callable."""
     if callable(spec):
         return getattr(spec, "__name__", "reward"), spec
-    if spec in REGISTRY:
-        return spec, REGISTRY[spec]
-    module_name, _, attribute = spec.rpartition(".")
-    if not module_name:
-        raise ValueError(
-            f"reward {spec!r} is not a built-in ({', '.join(sorted(REGISTRY))}) "
-            "nor an import path like my_package.rewards.my_reward"
-        )
-    try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"reward {spec!r} cannot be imported: {error}") from None
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r} is not callable")
-    return attribute, fn
+    fn = import_callable(spec, "reward", REGISTRY, "my_package.rewards.my_reward")
+    return (spec if spec in REGISTRY else spec.rpartition(".")[2]), fn
 
 
 def bind(fn: RewardFunc, settings: dict | None, name: str | None = None) -> RewardFunc:

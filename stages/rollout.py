@@ -631,19 +631,26 @@ class MlxLmEngine:
         return self.model(tokens[:, None], cache=self.caches)[:, -1, :]
 
 
-def make_engine(model: nn.Module, cfg: RolloutConfig):
-    """The decode engine `cfg.engine` names; auto: fused where it supports the model."""
+def uses_fused(model: nn.Module, cfg: RolloutConfig) -> bool:
+    """Whether `cfg.engine` runs `model` on the fused engine: fused, or auto where the fused
+    engine supports the model and there is no rotating cache. engine=fused on a model it does
+    not support is a one-line ValueError saying why."""
     if cfg.engine == "mlx_lm":
-        return MlxLmEngine(model, cfg.max_kv_size)
+        return False
     reason = fused_decode.unsupported(model)
     if reason is None and cfg.max_kv_size:
         reason = f"max_kv_size={cfg.max_kv_size} (a rotating cache)"
-    if reason is None:
+    if reason is not None and cfg.engine == "fused":
+        raise ValueError(f"rollout engine=fused does not support {reason}; use auto or mlx_lm")
+    return reason is None
+
+
+def make_engine(model: nn.Module, cfg: RolloutConfig):
+    """The decode engine `cfg.engine` names; auto: fused where it supports the model."""
+    if uses_fused(model, cfg):
         return fused_decode.FusedDecoder(
             model, prefill_step=PREFILL_STEP, compiled=cfg.fused_compile
         )
-    if cfg.engine == "fused":
-        raise ValueError(f"rollout engine=fused does not support {reason}; use auto or mlx_lm")
     return MlxLmEngine(model, cfg.max_kv_size)
 
 

@@ -15,6 +15,8 @@ so a user sees `config rollout.top_p=0.0 is invalid: expected in (0, 1]`.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import field
 from typing import Any
 
@@ -56,3 +58,24 @@ def check(condition: bool, key: str, value: Any, expected: str) -> None:
 def one_of(key: str, value: Any, choices) -> None:
     """`value` must be one of `choices` (the allowed-value list of the module that uses it)."""
     check(value in choices, key, value, " | ".join(map(str, choices)))
+
+
+def import_callable(spec: str, what: str, builtins: dict, example: str) -> Callable:
+    """The built-in `spec` names, or the callable at the import path `spec` (pkg.module.fn).
+    ValueError (one line, naming `what`: "tool", "reward") when it is neither, cannot be
+    imported, or is not callable."""
+    if spec in builtins:
+        return builtins[spec]
+    module_name, _, attribute = spec.rpartition(".")
+    if not module_name:
+        raise ValueError(
+            f"{what} {spec!r} is not a built-in ({', '.join(sorted(builtins))}) "
+            f"nor an import path like {example}"
+        )
+    try:
+        fn = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{what} {spec!r} cannot be imported: {error}") from None
+    if not callable(fn):
+        raise ValueError(f"{what} {spec!r} is not callable")
+    return fn

@@ -51,6 +51,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stages.settings import import_callable
+
 # Failure kinds, in the order the metrics list them (tools/failures/<kind>).
 FAILURES = ("invalid_json", "bad_call", "unknown_tool", "exception", "timeout")
 PRINT_CAP = 4096  # characters a call may print before the rest is dropped
@@ -386,21 +388,7 @@ def add(a: int, b: int) -> int:
 def resolve_tool(spec: str) -> Callable:
     """The function a `rollout.tools` entry names: a built-in (TOOLS) or an import path
     `pkg.module.fn`. Raises ValueError (one line) when it cannot be imported or called."""
-    if spec in TOOLS:
-        return TOOLS[spec]
-    module_name, _, attribute = spec.rpartition(".")
-    if not module_name:
-        raise ValueError(
-            f"tool {spec!r} is not a built-in ({', '.join(sorted(TOOLS))}) nor an import path "
-            "like my_package.tools.my_tool"
-        )
-    try:
-        fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"tool {spec!r} cannot be imported: {error}") from None
-    if not callable(fn):
-        raise ValueError(f"tool {spec!r} is not callable")
-    return fn
+    return import_callable(spec, "tool", TOOLS, "my_package.tools.my_tool")
 
 
 def tool_schema(fn: Callable) -> dict:
