@@ -90,6 +90,13 @@ def main() -> None:
         help="fused_decode.COMPILE: auto (on a GPU), on, off",
     )
     parser.add_argument(
+        "--fast-kernels",
+        choices=("off", "on", "both"),
+        default="off",
+        help="rollout.fast_kernels (CUDA) with the importance-sampling correction; both: the "
+        "exact steps first, then the fast-kernel steps, side by side",
+    )
+    parser.add_argument(
         "--load",
         type=int,
         default=0,
@@ -126,7 +133,8 @@ def main() -> None:
         f"prompt {args.prompt_tokens}"
     )
 
-    def timed_steps(condition: str) -> dict:
+    def timed_steps(condition: str, fast: bool = False) -> dict:
+        step_cfg = update_cfg.with_sampler_correction(fast)
         timings = []
         for step in range(args.steps + 1):
             mx.reset_peak_memory()
@@ -136,7 +144,10 @@ def main() -> None:
                 tokenizer,
                 prompts,
                 RolloutConfig(
-                    group_size=args.group_size, max_new_tokens=args.new_tokens, engine=args.engine
+                    group_size=args.group_size,
+                    max_new_tokens=args.new_tokens,
+                    engine=args.engine,
+                    fast_kernels=fast,
                 ),
                 seed=step,
                 row_offset=world.rank * local_rows,
@@ -151,7 +162,7 @@ def main() -> None:
             )[world.rank * local_rows : (world.rank + 1) * local_rows]
             mx.eval(advantages)
             t3 = time.perf_counter()
-            grpo_update.update_step(model, optimizer, batch, advantages, update_cfg, world=world)
+            grpo_update.update_step(model, optimizer, batch, advantages, step_cfg, world=world)
             t4 = time.perf_counter()
             generated = int(batch.completion_mask.sum().item())
             assert generated == args.prompts * args.group_size * args.new_tokens, "early stop"
@@ -177,15 +188,26 @@ def main() -> None:
         say(f"{condition} {'mean':>8}: " + "  ".join(f"{k} {v:.3f}" for k, v in mean.items()))
         return mean
 
-    mean = timed_steps("idle")
-    say(
-        f"global tokens/s: {world.size * local_rows * args.new_tokens / mean['step']:.0f} "
-        f"(generated tokens of all processes per step time)"
-    )
-    if on_gpu:
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.fast_kernels]
+    means = {}
+    for fast in modes:
+        label = "fast kernels" if fast else "exact"
+        mean = means[label] = timed_steps("idle" if len(modes) == 1 else label, fast)
+        tokens_per_s = world.size * local_rows * args.new_tokens / mean["step"]
         say(
-            f"anchor: TRL 1.16 GRPOTrainer (no vLLM), H200, same work: 8.27 s/step; "
-            f"ours / TRL = {mean['step'] / 8.27:.2f} (meaningful for --shape 0.6b on an H200)"
+            f"{label}: global tokens/s: {tokens_per_s:.0f} "
+            f"(generated tokens of all processes per step time)"
+        )
+        if on_gpu:
+            say(
+                f"{label}: anchor: TRL 1.16 GRPOTrainer (no vLLM), H200, same work: 8.27 s/step; "
+                f"ours / TRL = {mean['step'] / 8.27:.2f} (meaningful for --shape 0.6b on an H200)"
+            )
+    if len(means) == 2:
+        exact, fast = means["exact"], means["fast kernels"]
+        say(
+            f"fast kernels / exact, same process: step {fast['step'] / exact['step']:.2f}x, "
+            f"rollout {fast['rollout'] / exact['rollout']:.2f}x"
         )
     if args.load:
         with CompetingLoad(args.load):

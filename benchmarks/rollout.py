@@ -30,7 +30,7 @@ import time
 import stages  # noqa: F401  (attach the fast BLAS before mlx.core is imported)
 
 # isort: split
-from stages import fused_decode  # noqa: E402
+from stages import fast_kernels, fused_decode  # noqa: E402
 from stages.backend import resolve_dtype  # noqa: E402
 from stages.rollout import RolloutConfig, generate_rollouts  # noqa: E402
 
@@ -92,13 +92,18 @@ def build_model(shape: dict, dtype):
     return model
 
 
-def ours(engine: str, compile_fused: bool | None = None):
-    """Our rollout on `engine`; for fused, compiled as `compile_fused` says (None: default)."""
+def ours(engine: str, compile_fused: bool | None = None, fast: bool = False):
+    """Our rollout on `engine`; for fused, compiled as `compile_fused` says (None: default),
+    with rollout.fast_kernels = `fast`."""
 
     def run(model, prompts, group, new_tokens) -> int:
         fused_decode.COMPILE = compile_fused
         cfg = RolloutConfig(
-            group_size=group, max_new_tokens=new_tokens, temperature=1.0, engine=engine
+            group_size=group,
+            max_new_tokens=new_tokens,
+            temperature=1.0,
+            engine=engine,
+            fast_kernels=fast,
         )
         batch = generate_rollouts(model, NoStopTokenizer(), prompts, cfg)
         assert batch.engine == engine, f"asked for engine={engine}, ran {batch.engine}"
@@ -241,6 +246,8 @@ def main() -> None:
     for choice in compile_choices[args.fused_compile]:
         label = {None: "", True: ", compiled", False: ", not compiled"}[choice]
         systems[f"ours engine=fused{label}"] = ours("fused", choice)
+        if fast_kernels.unavailable() is None:
+            systems[f"ours fused{label}, fast kernels"] = ours("fused", choice, fast=True)
     systems["ours engine=mlx_lm"] = ours("mlx_lm")
     systems["mlx-lm BatchGenerator"] = run_batch_generator
     for fn in systems.values():

@@ -78,6 +78,8 @@ def run_variant(args, use_lora: bool, checkpointing: bool) -> dict:
     rewards = mx.array(np.random.default_rng(1).random(args.rows).astype(np.float32))
     advantages = compute_advantages(rewards, args.rows, "group")
     optimizer = grpo_update.make_optimizer(1e-5)
+    if args.plain_adamw:  # MLX's AdamW as it is: each array's update uncompiled
+        optimizer._new_parameter = optimizer._new_state = None
     cfg = grpo_update.TrainConfig(
         micro_batch_size=args.micro_batch_size, gradient_checkpointing=checkpointing
     )
@@ -118,6 +120,11 @@ def main() -> None:
         default=2,
         help="parts of the update evaluated at once (StagedEval.in_flight): 1 is leaner, 2 faster",
     )
+    parser.add_argument(
+        "--plain-adamw",
+        action="store_true",
+        help="MLX's AdamW uncompiled (the comparison for grpo_update.FusedAdamW)",
+    )
     args = parser.parse_args()
     StagedEval.in_flight = args.in_flight
     if not 1 <= args.prompt_len < args.seq_len:
@@ -125,7 +132,8 @@ def main() -> None:
     print(
         f"device {mx.default_device()}, dtype {resolve_dtype(args.dtype)}, Qwen3-0.6B shape with "
         f"{args.layers} blocks, {args.rows} x {args.seq_len} tokens ({args.prompt_len} prompt), "
-        f"{args.in_flight} part(s) in flight"
+        f"{args.in_flight} part(s) in flight, "
+        f"{'plain' if args.plain_adamw else 'fused (compiled)'} AdamW"
     )
     header = (
         f"{'variant':<16}{'trainable M':>12}{'peak GB':>10}{'resident GB':>13}"

@@ -31,6 +31,8 @@ mlx-lm's own path.
 
 from __future__ import annotations
 
+from stages import fast_kernels
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -139,8 +141,9 @@ class _BlockSpec:
     arrays those modules read).
     """
 
-    def __init__(self, layer: nn.Module, layout: dict[str, tuple]):
+    def __init__(self, layer: nn.Module, layout: dict[str, tuple], fast: bool = False):
         attn = layer.self_attn
+        self.fast = fast  # one-token matmuls through stages.fast_kernels (rollout.fast_kernels)
         self.n_heads, self.n_kv_heads, self.scale = attn.n_heads, attn.n_kv_heads, attn.scale
         self.head_dim = _base(attn.q_proj).weight.shape[0] // attn.n_heads
         self.rope, self.layout = attn.rope, layout
@@ -152,7 +155,7 @@ class _BlockSpec:
         self.compiled_post = mx.compile(self.post)
 
     @staticmethod
-    def key(layer: nn.Module, layout: dict[str, tuple]) -> tuple:
+    def key(layer: nn.Module, layout: dict[str, tuple], fast: bool = False) -> tuple:
         """Blocks with equal keys compute the same function of their arrays."""
         attn, rope = layer.self_attn, layer.self_attn.rope
         if type(rope) is nn.RoPE:
@@ -169,6 +172,7 @@ class _BlockSpec:
             tuple(sorted(layout.items())),
             tuple(norm.eps for norm in norms),
             rope_key,
+            fast,
         )
 
     def _linear(self, name: str, x: mx.array, weights: dict, modules: dict) -> list[mx.array]:
@@ -176,7 +180,11 @@ class _BlockSpec:
         it, split, each adapter's update added to its slice as LoRALinear adds it."""
         quantization, splits, arrays = self.layout[name]
         weight, bias = weights[name + ".weight"], weights.get(name + ".bias")
-        if quantization is None:
+        if quantization is None and self.fast and x.shape[-2] == 1:
+            w = weight.T  # (out, in), row-major again
+            y = fast_kernels.matmul(x, w) if fast_kernels.supports(x, w) else x @ weight
+            y = y if bias is None else y + bias
+        elif quantization is None:
             y = x @ weight if bias is None else mx.addmm(bias, x, weight)
         else:
             group_size, bits, mode = quantization
@@ -243,7 +251,7 @@ class _Block:
     own), the mlx-lm modules it still calls (`modules`: LoRA adapters per group, the MoE block)
     and its `spec`."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, fast: bool = False):
         attn = layer.self_attn
         groups = _groups(layer)
         self.modules: dict = {} if "gate_up" in groups else {"moe": layer.mlp}
@@ -264,9 +272,9 @@ class _Block:
         self.weights["post_norm"] = layer.post_attention_layernorm.weight
         if hasattr(attn, "q_norm"):
             self.weights["q_norm"], self.weights["k_norm"] = attn.q_norm.weight, attn.k_norm.weight
-        key = _BlockSpec.key(layer, layout)
+        key = _BlockSpec.key(layer, layout, fast)
         if key not in _SPECS:
-            _SPECS[key] = _BlockSpec(layer, layout)
+            _SPECS[key] = _BlockSpec(layer, layout, fast)
         self.spec = _SPECS[key]
 
     def pre(self, h: mx.array, offsets: mx.array, compiled: bool):
@@ -294,24 +302,37 @@ class FusedDecoder:
 
     name = "fused"
 
-    def __init__(self, model: nn.Module, prefill_step: int = 2048, compiled: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        prefill_step: int = 2048,
+        compiled: bool | None = None,
+        fast: bool = False,
+    ):
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(f"the fused decode engine does not support {reason}")
+        if fast and (reason := fast_kernels.unavailable()) is not None:
+            raise ValueError(f"rollout.fast_kernels=true cannot run: {reason}")
         self.prefill_step = prefill_step
         self.compiled = COMPILE if COMPILE is not None else bool(compiled)
+        self.fast = fast  # one-token matmuls through stages.fast_kernels (rollout.fast_kernels)
         self.refresh(model)
         self.keys: list[mx.array] = []
         self.values: list[mx.array] = []
 
     def refresh(self, model: nn.Module) -> None:
         """Rebuild the fused weights from `model`'s current weights (after an update)."""
-        self.blocks = [_Block(layer) for layer in model.layers]
+        self.blocks = [_Block(layer, self.fast) for layer in model.layers]
         backbone = model.model
         self.embed = backbone.embed_tokens
         self.norm = (backbone.norm.weight, backbone.norm.eps)
         tied = getattr(model.args, "tie_word_embeddings", False)
         self.head = backbone.embed_tokens.as_linear if tied else model.lm_head
+        # The one-token head through the fast kernel: the (V, D) weight of a plain head.
+        head = backbone.embed_tokens if tied else model.lm_head
+        plain = type(head) in (nn.Embedding, nn.Linear) and "bias" not in head
+        self.fast_head = head.weight if self.fast and plain else None
         mx.eval([block.weights for block in self.blocks])
 
     @property
@@ -420,9 +441,16 @@ class FusedDecoder:
                 mx.eval(self.keys, self.values)
         return self.head(hidden[:, -1, :])
 
+    def _step_head(self, hidden: mx.array) -> mx.array:
+        """Logits (n, V) of one position's hidden states (n, D)."""
+        w = self.fast_head
+        if w is not None and fast_kernels.supports(hidden, w):
+            return fast_kernels.matmul(hidden, w)
+        return self.head(hidden)
+
     def decode(self, tokens: mx.array) -> mx.array:
         """One step: tokens (n,) -> logits (n, V) of the next position."""
-        return self.head(self._forward(tokens[:, None]))[:, -1, :]
+        return self._step_head(self._forward(tokens[:, None])[:, -1, :])
 
 
 class RaggedDecoder(FusedDecoder):
@@ -505,7 +533,7 @@ class RaggedDecoder(FusedDecoder):
         columns = np.minimum(self.row_end, self.scratch)[:, None]
         hidden = self._ragged_forward(tokens[:, None], columns, None)
         self.row_end = self.row_end + 1
-        return self.head(hidden[:, -1, :])
+        return self._step_head(hidden[:, -1, :])
 
     def append(self, rows: np.ndarray, tokens: list[list[int]]) -> mx.array:
         """Write `tokens[i]` (any number per row) at the next columns of batch row `rows[i]`;

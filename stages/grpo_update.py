@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import math
 import re
+import shutil
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -223,6 +224,54 @@ class TrainConfig:
         )
 
 
+class FusedAdamW(optim.AdamW):
+    """MLX's AdamW with each array's update compiled into fused kernels that write in place.
+
+    Uncompiled, AdamW's update of one array is about a dozen elementwise operations, each with
+    an output the size of the array: for the 155M-value embedding of Qwen3-0.6B that is GBs of
+    temporaries (on a GPU, MLX allocates an evaluation's outputs when it encodes it) and a dozen
+    dispatches per array. Here the arithmetic is AdamW's own (`optim.AdamW.apply_single`,
+    traced), compiled twice: once for the new parameter and once for the new moments. Each is
+    one kernel that reads its inputs once, and MLX gives its outputs the buffers of inputs no
+    one else holds, so evaluating the parameters first and the moments after (`_update_step`)
+    updates both in place. (One compiled function for all three would not: an output that
+    another output reads splits the fusion and keeps both.) The learning rate and step go in as
+    inputs, so a schedule never retraces. Without a compiler for MLX's CPU kernels (no g++,
+    c++ or clang++) the plain update runs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        compiles = _can_compile()
+        self._new_parameter = mx.compile(lambda *a: self._traced(*a)[0]) if compiles else None
+        self._new_state = mx.compile(lambda *a: self._traced(*a)[1]) if compiles else None
+
+    def _traced(self, gradient, parameter, state, learning_rate, step):
+        saved = self.state["learning_rate"], self.state["step"]
+        self.state["learning_rate"], self.state["step"] = learning_rate, step
+        try:
+            state = dict(state)
+            parameter = super().apply_single(gradient, parameter, state)
+        finally:
+            self.state["learning_rate"], self.state["step"] = saved
+        return parameter, state
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if self._new_parameter is None:
+            return super().apply_single(gradient, parameter, state)
+        inputs = (gradient, parameter, state, self.state["learning_rate"], self.state["step"])
+        new_parameter = self._new_parameter(*inputs)
+        state.update(self._new_state(*inputs))
+        return new_parameter
+
+
+def _can_compile() -> bool:
+    """Whether mx.compile can build fused kernels here (MLX's CPU backend needs a compiler)."""
+    if mx.default_device() != mx.cpu:
+        return True
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
 def make_optimizer(
     learning_rate: float,
     *,
@@ -234,7 +283,7 @@ def make_optimizer(
     eps: float = 1e-8,
 ) -> optim.AdamW:
     """AdamW (bias-corrected, as torch's) with linear warmup then a constant, linear-decay or
-    cosine schedule."""
+    cosine schedule; each array's update compiled (FusedAdamW)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"lr schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -252,7 +301,7 @@ def make_optimizer(
         lr = main
     # torch's AdamW (TRL's optimizer) always corrects the moments' initial bias; mlx's does not
     # unless asked.
-    return optim.AdamW(
+    return FusedAdamW(
         learning_rate=lr,
         betas=list(betas),
         eps=eps,
@@ -275,9 +324,15 @@ def _loss_fn(
     scale,
     world: distributed.World,
     stages: StagedEval,
+    sampler_logprobs=None,
 ):
+    """(loss * scale, (metrics, detached log-probs)). With `sampler_logprobs` (the correction
+    with one optimizer step per batch) the sampler's importance ratio is taken against this
+    very forward's detached log-probs: the policy that generated the batch is the current one."""
     logprobs, entropies = completion_logprobs(model, packed, temperature, stages=stages)
     mask = packed.loss_mask
+    if sampler_logprobs is not None:
+        sampler_ratio, _ = _sampler_ratio(mx.stop_gradient(logprobs), sampler_logprobs, mask, cfg)
     entropy_mask = None
     if cfg.top_entropy_quantile < 1.0:
         # TRL takes the quantile over this micro-batch of every process
@@ -309,7 +364,18 @@ def _loss_fn(
         vespo_lambda_neg=cfg.vespo_lambda_neg,
     )
     metrics["entropy"] = (entropies * mask).sum() / mx.maximum(mask.sum(), 1.0)
-    return loss * scale, metrics
+    return loss * scale, (metrics, mx.stop_gradient(logprobs))
+
+
+def _sampler_ratio(old_logprobs, sampler_logprobs, mask, cfg: TrainConfig):
+    return sampler_importance_ratio(
+        old_logprobs,
+        sampler_logprobs,
+        mask,
+        mode=cfg.vllm_importance_sampling_mode,
+        clip_min=cfg.vllm_importance_sampling_clip_min,
+        clip_max=cfg.sampler_clip_max,
+    )
 
 
 def update_step(
@@ -331,11 +397,11 @@ def update_step(
     tool results are read by the forward, never in a loss, log-prob, ratio, KL or normaliser).
     The batch is shuffled (with `seed`) and split into `cfg.steps_per_generation` equal parts,
     one optimizer step each, and that is repeated `cfg.num_iterations` times (TRL's mu). When
-    there is more than one optimizer step, or with the sampler importance-sampling correction,
-    the ratio's denominator is the policy that generated the batch, computed once before the
-    first step and held fixed. Each step's gradient is accumulated over micro-batches of
-    `cfg.micro_batch_size` rows, each weighted as TRL weighs its micro-batches
-    (stages/losses.py), then clipped by global norm.
+    there is more than one optimizer step, the ratio's denominator is the policy that generated
+    the batch, computed once before the first step and held fixed (with one step it is the
+    update's own forward, detached, as in TRL, and so is the correction's: no extra forward).
+    Each step's gradient is accumulated over micro-batches of `cfg.micro_batch_size` rows, each
+    weighted as TRL weighs its micro-batches (stages/losses.py), then clipped by global norm.
 
     dapo, cispo and vespo divide by the real tokens of the whole generation batch (after
     `mask_truncated_completions`) over its `steps_per_generation` optimizer steps, as TRL.
@@ -415,20 +481,18 @@ def _update_step(
             mx.eval(values[-1])
         return mx.concatenate(values)
 
-    # With one optimizer step per batch the ratio is 1 (old = current, detached), as in TRL.
+    # With one optimizer step per batch the ratio is 1 (old = current, detached), as in TRL,
+    # and the sampler correction compares the sampler with that same forward.
     correction = bool(cfg.vllm_importance_sampling_correction)
     multi_step = cfg.num_iterations * parts > 1
-    old_logprobs = no_grad_logprobs(model) if multi_step or correction else None
+    old_logprobs = no_grad_logprobs(model) if multi_step else None
     sampler_ratio, sampling_metrics = None, {}
-    if correction:
-        sampler_ratio, sampling_metrics = sampler_importance_ratio(
-            old_logprobs,
-            batch.logprobs,
-            packed.loss_mask,
-            mode=cfg.vllm_importance_sampling_mode,
-            clip_min=cfg.vllm_importance_sampling_clip_min,
-            clip_max=cfg.sampler_clip_max,
+    if correction and multi_step:
+        sampler_ratio, sampling_metrics = _sampler_ratio(
+            old_logprobs, batch.logprobs, packed.loss_mask, cfg
         )
+    in_loss_correction = correction and not multi_step
+    forward_logprobs = []  # with in_loss_correction: each chunk's, in row order
     ref_logprobs = None
     if cfg.beta != 0.0 and ref_model is model:
         with lora.adapters_disabled(model):
@@ -450,7 +514,7 @@ def _update_step(
                 chunk_packed = take_rows(packed, chunk)
                 stages = StagedEval()
                 with grad_checkpoint.staged(model, stages):
-                    (loss, metrics), chunk_grads = loss_and_grad(
+                    (loss, (metrics, chunk_logprobs)), chunk_grads = loss_and_grad(
                         model,
                         chunk_packed,
                         None if old_logprobs is None else old_logprobs[chunk],
@@ -464,13 +528,16 @@ def _update_step(
                         share * world_scale,
                         world,
                         stages,
+                        batch.logprobs[chunk] if in_loss_correction else None,
                     )
+                if in_loss_correction:
+                    forward_logprobs.append(chunk_logprobs)
                 stages.run()  # the vocabulary head block by block, then the rest
                 if grads is not None:
                     chunk_grads = tree_map(lambda a, b: a + b, grads, chunk_grads)
                 grads = chunk_grads
                 eval_by_block(grads, reverse=True)  # the backward, last block first
-                mx.eval(loss, metrics)
+                mx.eval(loss, metrics, forward_logprobs)
                 step_loss += loss.item()
                 mask = chunk_packed.loss_mask
                 per_chunk.append(
@@ -492,7 +559,10 @@ def _update_step(
                 grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
             learning_rate = optimizer.learning_rate.item()
             optimizer.update(model, grads)
-            eval_by_block((model.parameters(), optimizer.state))
+            # The parameters first, then the moments: each evaluation can then write over the
+            # arrays it replaces (FusedAdamW).
+            eval_by_block(model.parameters())
+            eval_by_block(optimizer.state)
             steps.append(
                 {"loss": step_loss, "grad_norm": grad_norm.item(), "learning_rate": learning_rate}
             )
@@ -504,6 +574,10 @@ def _update_step(
         "optimizer_steps": float(len(steps)),
     }
     results.update(_micro_step_means(per_chunk, world))
+    if in_loss_correction:  # one step: the chunks are the batch's rows in order
+        _, sampling_metrics = _sampler_ratio(
+            mx.concatenate(forward_logprobs), batch.logprobs, packed.loss_mask, cfg
+        )
     results.update({name: value.item() for name, value in sampling_metrics.items()})
     return results
 

@@ -26,6 +26,28 @@ import numpy as np
 LOGITS_BUDGET = 1 << 24
 
 
+def _attention_tile() -> int:
+    """Sequence lengths the training forward is padded to a multiple of. MLX's CUDA backend runs
+    attention's backward pass fused (cuDNN) only for a length that is a multiple of 128; any
+    other length takes the unfused fallback, which stores every head's (L, L) scores per block
+    (measured on an H200 for 16 x 511 tokens of Qwen3-0.6B: most of the update's memory)."""
+    return 128 if mx.default_device() == mx.gpu and mx.cuda.is_available() else 1
+
+
+def forward_inputs(tokens: mx.array, tile: int | None = None) -> mx.array:
+    """The training forward's input of packed rows (N, W): every token but the last, right-
+    padded to a multiple of `tile` (default: `_attention_tile()`). Positions past a row's end
+    are never read by an earlier one (causal attention), so the padding changes no result."""
+    inputs = tokens[:, :-1] if tokens.shape[1] > 1 else tokens
+    tile = tile or _attention_tile()
+    extra = -inputs.shape[1] % tile
+    if extra == 0:
+        return inputs
+    if tokens.shape[1] > inputs.shape[1]:  # the last token is the cheapest padding
+        inputs, extra = tokens, extra - 1
+    return mx.pad(inputs, [(0, 0), (0, extra)]) if extra else inputs
+
+
 @dataclass
 class PackedBatch:
     """Prompt + completion per row, right-padded, for the training forward pass."""
@@ -85,8 +107,8 @@ def hidden_and_head(model: nn.Module):
 
 def completion_logits(model: nn.Module, packed: PackedBatch, temperature: float = 1.0) -> mx.array:
     """Logits that predict each completion token: (N, T, V) float32, divided by temperature."""
-    inputs = packed.tokens[:, :-1] if packed.tokens.shape[1] > 1 else packed.tokens
-    index = mx.minimum(packed.gather_index, inputs.shape[1] - 1)
+    inputs = forward_inputs(packed.tokens)
+    index = mx.minimum(packed.gather_index, max(packed.tokens.shape[1] - 2, 0))
     backbone, head = hidden_and_head(model)
     if backbone is not None:
         hidden = backbone(inputs)
@@ -121,6 +143,9 @@ class StagedEval:
         self._pending: list = []
 
     def add(self, *arrays: mx.array) -> None:
+        """Queue one part. Its last array is the one waited on; the others are let go once
+        queued, so the next part may write over them in place (the head's weight gradient,
+        built block by block with slice updates)."""
         self._pending.append(arrays)
 
     def run(self) -> None:
@@ -135,7 +160,9 @@ class StagedEval:
             mx.async_eval(part)
             if previous is not None:
                 mx.eval(previous)
-            previous = part
+            # Only the last array is kept to wait on: one evaluation's outputs are ready
+            # together, and an array nothing else holds can be updated in place by the next.
+            previous, part = part[-1], None
         if previous is not None:
             mx.eval(previous)
 
@@ -312,8 +339,8 @@ def completion_logprobs(
             logits = mx.stop_gradient(logits)
         logprobs = token_logprobs(logits, packed.completion_ids)
         return logprobs, token_entropy(mx.stop_gradient(logits)) if entropies else None
-    inputs = packed.tokens[:, :-1] if packed.tokens.shape[1] > 1 else packed.tokens
-    index = mx.minimum(packed.gather_index, inputs.shape[1] - 1)
+    inputs = forward_inputs(packed.tokens)
+    index = mx.minimum(packed.gather_index, max(packed.tokens.shape[1] - 2, 0))
     hidden = mx.take_along_axis(model.model(inputs), index[..., None], axis=1)
     n_rows, n_steps, width = hidden.shape
     rows = n_rows * n_steps

@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from stages import distributed, fused_decode
+from stages import distributed, fast_kernels, fused_decode
 from stages.policy import hidden_and_head, policy_logprobs
 from stages.settings import check, one_of, setting
 
@@ -99,8 +99,9 @@ class RolloutConfig:
     )
     fast_kernels: bool = setting(
         False,
-        "reserved: the fused engine's matmuls through faster kernels that round differently "
-        "from the trainer; not in this version (true is a config error)",
+        "CUDA only: the fused engine's one-token matmuls through a hand-written kernel "
+        "(stages/fast_kernels.py) that rounds differently from the trainer; turns on "
+        "train.vllm_importance_sampling_correction unless that is set",
     )
     tools: list[str] = setting(
         factory=list,
@@ -185,12 +186,13 @@ class RolloutConfig:
             "runs its own turns)",
         )
         check(
-            not self.fast_kernels,
+            not (self.fast_kernels and self.engine == "mlx_lm"),
             "fast_kernels",
             self.fast_kernels,
-            "false: the fast-kernel engine is not in this version; "
-            "train.vllm_importance_sampling_correction=true applies the correction on its own",
+            "false with engine=mlx_lm (the fast kernels are the fused engine's)",
         )
+        if self.fast_kernels and (reason := fast_kernels.unavailable()) is not None:
+            check(False, "fast_kernels", self.fast_kernels, f"false here: {reason}")
 
     @property
     def multi_turn(self) -> bool:
@@ -640,6 +642,11 @@ def uses_fused(model: nn.Module, cfg: RolloutConfig) -> bool:
     reason = fused_decode.unsupported(model)
     if reason is None and cfg.max_kv_size:
         reason = f"max_kv_size={cfg.max_kv_size} (a rotating cache)"
+    if reason is not None and cfg.fast_kernels:
+        raise ValueError(
+            f"rollout.fast_kernels=true needs the fused engine, which does not support {reason}; "
+            "set rollout.fast_kernels=false"
+        )
     if reason is not None and cfg.engine == "fused":
         raise ValueError(f"rollout engine=fused does not support {reason}; use auto or mlx_lm")
     return reason is None
@@ -649,7 +656,7 @@ def make_engine(model: nn.Module, cfg: RolloutConfig):
     """The decode engine `cfg.engine` names; auto: fused where it supports the model."""
     if uses_fused(model, cfg):
         return fused_decode.FusedDecoder(
-            model, prefill_step=PREFILL_STEP, compiled=cfg.fused_compile
+            model, prefill_step=PREFILL_STEP, compiled=cfg.fused_compile, fast=cfg.fast_kernels
         )
     return MlxLmEngine(model, cfg.max_kv_size)
 
@@ -710,9 +717,6 @@ def generate_rollouts(
     row i draws with key i of the global batch, as one process would.
     """
     cfg.validate()
-    # The seam of rollout.fast_kernels (CUDA): the fused decode engine takes over here and
-    # returns the same RolloutBatch, with its own sampler's log-probs. Until it lands this
-    # path runs; the update's importance-sampling correction is on for it all the same.
     check(row_offset >= 0, "row_offset", row_offset, ">= 0")
     check(total_rows >= 0, "total_rows", total_rows, ">= 0 (0 = this batch)")
     check_prompts(model, prompts)

@@ -102,10 +102,9 @@ def test_overrides_apply_and_flatten():
             "train.vllm_importance_sampling_mode='sequence_mask' is invalid: expected "
             "token_truncate | token_mask with loss_type=vespo",
         ),
-        # the fast-kernel engine is not built: a config error everywhere
         (
-            ["rollout.fast_kernels=true"],
-            "rollout.fast_kernels=True is invalid: expected false: the fast-kernel engine is not",
+            ["rollout.fast_kernels=true", "rollout.engine=mlx_lm"],
+            "rollout.fast_kernels=True is invalid: expected false with engine=mlx_lm",
         ),
     ],
 )

@@ -122,3 +122,36 @@ def test_update_with_the_blocked_head_equals_the_unchunked_update(
     assert max(float(np.abs(np.array(v)).max()) for v in want_grads.values()) > 1e-4
     for name, value in want_grads.items():
         assert _relative(got_grads[name], value) < 1e-5, name
+
+
+@pytest.mark.parametrize("tile", [8, 128])
+def test_padding_the_forward_to_the_attention_tile_changes_nothing(tiny, tile, monkeypatch):
+    """On CUDA the training forward is right-padded to a multiple of 128 positions (attention's
+    fused backward); the padding is after every real position, so log-probs, entropies and
+    gradients equal the unpadded forward's."""
+    model, _ = tiny
+    packed = policy.pack(_batch(tiny, seed=2))
+    width = packed.tokens.shape[1]
+    assert (width - 1) % tile  # the padding is really added
+    padded = policy.forward_inputs(packed.tokens, tile)
+    assert padded.shape[1] % tile == 0 and padded.shape[1] >= width - 1
+    assert mx.array_equal(padded[:, : width - 1], packed.tokens[:, :-1])
+    weights = mx.random.normal(packed.completion_ids.shape, key=mx.random.key(5))
+
+    def loss(net, stages):
+        logprobs, entropies = policy.completion_logprobs(net, packed, 1.3, stages=stages)
+        return (logprobs * weights).sum(), entropies
+
+    results = {}
+    for name, value in [("plain", 1), ("padded", tile)]:
+        monkeypatch.setattr(policy, "_attention_tile", lambda value=value: value)
+        stages = policy.StagedEval()
+        (value, entropies), grads = nn.value_and_grad(model, loss)(model, stages)
+        stages.run()
+        mx.eval(value, entropies, grads)
+        results[name] = (value.item(), entropies, dict(tree_flatten(grads)))
+    (want, want_entropy, want_grads), (got, got_entropy, got_grads) = results.values()
+    assert abs(got - want) <= 1e-5 * abs(want)
+    assert _relative(got_entropy, want_entropy) < 1e-5
+    for name in want_grads:
+        assert _relative(got_grads[name], want_grads[name]) < 1e-5, name
