@@ -1,10 +1,11 @@
 """Where a rollout's time goes, per decode engine: the full rollout vs its parts, on the same
 weights and work.
 
-    python benchmarks/rollout_profile.py [--shape small|0.6b] [--engines fused,mlx_lm]
+    python benchmarks/rollout_profile.py [--shape small|0.6b] [--engines fused,fused+fast,mlx_lm]
         [--fused-compile auto|on|off] [--runs 2]
 
-For each engine (`stages.rollout.make_engine`: fused, mlx_lm) it prints, side by side:
+For each engine (`stages.rollout.make_engine`: fused, mlx_lm, and fused+fast: the fused engine
+with rollout.fast_kernels, CUDA only, in the default list there) it prints, side by side:
 (1) `generate_rollouts` on that engine; (2) the bare decode floor: the engine's prefill and
 cache, then one forward per step with a greedy argmax and nothing else; (3) the floor plus our
 per-row sampler (`Sampler`, per-row keys, inverse-CDF draw); (4) the floor plus
@@ -27,7 +28,7 @@ import time
 import stages  # noqa: F401  (before mlx.core: fast CPU BLAS)
 
 # isort: split
-from stages import fused_decode
+from stages import fast_kernels, fused_decode
 from stages.backend import resolve_dtype
 from stages.rollout import RolloutConfig, Sampler, generate_rollouts, make_engine
 
@@ -71,7 +72,11 @@ def decode_loop(engine, prompts, group, steps, draw) -> tuple[float, float, floa
 
 def main() -> None:
     parser = work_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--engines", default="fused,mlx_lm", help="comma-separated engines")
+    parser.add_argument(
+        "--engines",
+        default=None,
+        help="comma-separated: fused, fused+fast (CUDA), mlx_lm; default: all this device runs",
+    )
     parser.add_argument("--fused-compile", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per variant (best kept)")
     args = parser.parse_args()
@@ -99,9 +104,13 @@ def main() -> None:
         f"{args.group}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
         f"fused compile {args.fused_compile}"
     )
-    for engine_name in args.engines.split(","):
+    default = "fused,fused+fast,mlx_lm" if fast_kernels.unavailable() is None else "fused,mlx_lm"
+    for engine_name in (args.engines or default).split(","):
         cfg = RolloutConfig(
-            group_size=args.group, max_new_tokens=args.new_tokens, engine=engine_name
+            group_size=args.group,
+            max_new_tokens=args.new_tokens,
+            engine=engine_name.split("+")[0],
+            fast_kernels=engine_name.endswith("+fast"),
         )
 
         def loop(draw, cfg=cfg):
@@ -129,7 +138,7 @@ def main() -> None:
                     f"({100 * share:3.0f}%)"
                 )
             print(
-                f"{engine_name:7s} {name:30s} {seconds:7.3f} s  {tokens / seconds:9.0f} "
+                f"{engine_name:10s} {name:30s} {seconds:7.3f} s  {tokens / seconds:9.0f} "
                 f"tokens/s  {step_ms:6.2f} ms/step  CPU {1000 * cpu / args.new_tokens:6.2f} "
                 f"ms/step{host}",
                 flush=True,
