@@ -142,27 +142,30 @@ class StagedEval:
     def __init__(self) -> None:
         self._pending: list = []
 
-    def add(self, *arrays: mx.array) -> None:
-        """Queue one part. Its last array is the one waited on; the others are let go once
-        queued, so the next part may write over them in place (the head's weight gradient,
-        built block by block with slice updates)."""
-        self._pending.append(arrays)
+    def add(self, *arrays: mx.array, serial: bool = False) -> None:
+        """Queue one part. Its last array is the one waited on. `serial`: the part updates an
+        array of the previous part in place (the head's weight gradient, built block by block
+        with slice updates), so it is evaluated alone, after the previous part has finished:
+        while an evaluation is in flight MLX holds its arrays, and an array still held is
+        copied instead of written over."""
+        self._pending.append((arrays, serial))
 
     def run(self) -> None:
         """Evaluate the parts in order with at most two in flight (the next one is queued while
         the previous one finishes, so a GPU does not wait for the host between them)."""
         previous = None
         while self._pending:
-            part = self._pending.pop(0)  # popped first: a part's arrays die after their eval
-            if StagedEval.in_flight < 2:
+            part, serial = self._pending.pop(0)  # popped first: its arrays die after their eval
+            if StagedEval.in_flight < 2 or serial:
+                if previous is not None:
+                    mx.eval(previous)
+                    previous = None
                 mx.eval(part)
                 continue
             mx.async_eval(part)
             if previous is not None:
                 mx.eval(previous)
-            # Only the last array is kept to wait on: one evaluation's outputs are ready
-            # together, and an array nothing else holds can be updated in place by the next.
-            previous, part = part[-1], None
+            previous = part[-1]  # one evaluation's outputs are ready together
         if previous is not None:
             mx.eval(previous)
 
@@ -299,7 +302,7 @@ def _head_logprobs(head: _Head, temperature: float, block: int, stages: StagedEv
                 # In place: the previous block's array is not referenced once this one is built.
                 rows = (d_logits.T @ hidden).astype(d_weight.dtype)
                 d_weight = mx.slice_update(d_weight, rows, mx.array([start]), axes=(0,))
-                stages.add(d_weight, d_hidden)
+                stages.add(d_weight, d_hidden, serial=True)
             else:
                 stages.add(d_hidden)
         frozen = [mx.zeros_like(a) for a in arrays]  # never evaluated: nothing asks for them
