@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from launching import launch_env
 
-pytestmark = pytest.mark.slow
+# Every run uses the session's Prefect server instead of starting a temporary one each.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prefect")]
 
 TINY = (
     "+experiment=quickstart",
