@@ -1,12 +1,20 @@
 """Shared fixtures. Every test runs offline against the built-in tiny model, built once per
-session into a temporary cache; Prefect and MLflow state also live in temporary folders."""
+session into a temporary cache; Prefect and MLflow state also live in temporary folders.
+
+The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml), each its
+own session: its own cache, Prefect home and Prefect server. The hook at the end orders the tests
+longest first and keeps together on one worker the tests that share an expensive fixture."""
 
 import os
 import tempfile
 from pathlib import Path
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="grpo-tests-"))
-os.environ.setdefault("MLX_GRPO_CACHE", str(_SESSION_DIR / "cache"))
+# A cache of this session's own unless MLX_GRPO_CACHE names one. xdist's workers inherit the
+# controller's environment, so the user's choice is passed on under its own name: each worker
+# then builds into its own cache, and no test sees another worker's build half-done.
+_USER_CACHE = os.environ.setdefault("GRPO_TESTS_USER_CACHE", os.environ.get("MLX_GRPO_CACHE", ""))
+os.environ["MLX_GRPO_CACHE"] = _USER_CACHE or str(_SESSION_DIR / "cache")
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -23,6 +31,15 @@ def tiny_path() -> Path:
     from stages.load_weights import resolve_path
 
     return resolve_path("builtin:tiny_qwen3")
+
+
+@pytest.fixture(scope="session")
+def tools_path() -> Path:
+    """The built-in tools model (600 warm-up steps: about 2 minutes on 2 cores), built once in
+    the session's cache. Tests that ask for it run on one worker (see the hook below)."""
+    from stages.load_weights import resolve_path
+
+    return resolve_path("builtin:tiny_qwen3_tools")
 
 
 @pytest.fixture
@@ -51,3 +68,30 @@ def shared_prefect(prefect_api, monkeypatch):
     temporary one (about 15 s each on 2 cores)."""
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     return prefect_api
+
+
+# Modules with the longest tests first (measured, docs/testing.md): pytest-xdist hands out tests
+# in this order as workers free up, so the long ones start early and the two workers end together.
+LONGEST_FIRST = ("test_real_model.py", "test_scale.py", "test_cli.py", "test_ops.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Order the tests longest first and group, for `--dist loadgroup`: the tests that need the
+    tools model (`tools_path`) run on one worker, so it is built once, and so do the tests of a
+    module that share a module-scoped fixture (a reference run, a server, a loaded model)."""
+    for item in items:
+        if "tools_path" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("tools_model"))
+            continue
+        definitions = getattr(item, "_fixtureinfo", None)
+        scopes = definitions.name2fixturedefs.values() if definitions else []
+        if any(defs[-1].scope == "module" for defs in scopes):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+    def rank(item):
+        name = item.path.name
+        order = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return ("tools_path" not in item.fixturenames, order)
+
+    items.sort(key=rank)  # stable: each module keeps its own order

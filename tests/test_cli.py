@@ -315,14 +315,6 @@ class NoReset:
 '''
 
 
-@pytest.fixture(scope="module")
-def tools_model():
-    """The built-in tools model, built once in the session's cache before the runs use it."""
-    from stages.load_weights import resolve_path
-
-    return resolve_path("builtin:tiny_qwen3_tools")
-
-
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
@@ -350,7 +342,7 @@ def test_bad_tool_input_is_one_line_before_training(tmp_path, overrides, fragmen
     assert not (tmp_path / "mlflow.db").exists()  # nothing started
 
 
-def test_tools_run_logs_tool_metrics_and_conversations(tmp_path, tools_model):
+def test_tools_run_logs_tool_metrics_and_conversations(tmp_path, tools_path):
     """Also: micro_batch_size=auto plans for the prompt with the tools' schemas rendered plus
     the whole completion width (generated and tool tokens)."""
     import json
@@ -394,7 +386,7 @@ def test_tools_run_logs_tool_metrics_and_conversations(tmp_path, tools_model):
     assert conversation[1]["role"] == "tool"
 
 
-def test_tools_quickstart_learns(tmp_path, tools_model):
+def test_tools_quickstart_learns(tmp_path, tools_path):
     """The tools quickstart's bar: default run and seed, last-10 mean reward >= first-10 + 0.3."""
     result = run_grpo(tmp_path, "+experiment=tools_quickstart", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -437,7 +429,7 @@ class Adder:
 '''
 
 
-def test_environment_run_without_a_dataset(tmp_path, tools_model):
+def test_environment_run_without_a_dataset(tmp_path, tools_path):
     """TRL's environment_factory with no dataset: placeholder rows, reset() makes each prompt,
     the object's method is the tool, its get_reward() the only reward (named after the class)."""
     import json
@@ -490,7 +482,7 @@ def add(a: int, b: int) -> int:
 '''
 
 
-def test_a_tool_that_raises_hangs_or_floods_never_stops_training(tmp_path, tools_model):
+def test_a_tool_that_raises_hangs_or_floods_never_stops_training(tmp_path, tools_path):
     """A run whose only tool raises, hangs (past rollout.tool_timeout) or prints and returns
     megabytes trains to the end: each failure is counted and logged, the output cut, the
     console untouched."""

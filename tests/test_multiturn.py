@@ -87,8 +87,8 @@ def test_append_past_the_allocated_cache_is_an_error(tiny):
 
 
 @pytest.fixture(scope="module")
-def tools_model():
-    return load(resolve_path("builtin:tiny_qwen3_tools"), dtype="float32")
+def tools_model(tools_path):
+    return load(tools_path, dtype="float32")
 
 
 ROWS = tool_arithmetic_rows(3, seed=4)

@@ -290,14 +290,12 @@ TOOLS_TINY = (
 )
 
 
-def test_tool_run_sigkill_then_resume_matches_uninterrupted(tmp_path, prefect_api):
+def test_tool_run_sigkill_then_resume_matches_uninterrupted(tmp_path, prefect_api, tools_path):
     """A multi-turn run (the tools quickstart: tool calls, tool tokens in the cache and in the
     update's forward) killed after its first checkpoint and resumed ends with the weights and
     optimizer state of an uninterrupted run."""
     from stages import checkpoint
-    from stages.load_weights import resolve_path
 
-    resolve_path("builtin:tiny_qwen3_tools")  # built once in the session's cache
     root = Path("outputs") / "tools-quickstart" / "checkpoints"
     code, stderr = train(tmp_path / "whole", prefect_api, *TOOLS_TINY, timeout=600)
     assert code == 0, stderr[-3000:]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from launching import launch_env
 
-pytestmark = pytest.mark.slow
+# Every run uses the session's Prefect server instead of starting a temporary one each.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shared_prefect")]
 
 TINY = (
     "+experiment=quickstart",
@@ -208,16 +209,14 @@ def test_dynamic_sampling_two_processes_keep_the_same_groups_as_one(tmp_path):
         )
 
 
-def test_tool_run_two_processes_train_like_one(tmp_path):
+def test_tool_run_two_processes_train_like_one(tmp_path, tools_path):
     """Multi-turn rollouts with the add tool: every row draws with its global row's keys and
     the tool rounds do not depend on which rows share a batch, so 2 processes give 1 process's
     rewards, tool metrics and weights."""
     from stages import checkpoint
-    from stages.load_weights import resolve_path
 
     import numpy as np
 
-    resolve_path("builtin:tiny_qwen3_tools")  # built once in the session's cache
     overrides = (
         "+experiment=tools_quickstart",
         "train.steps=2",
