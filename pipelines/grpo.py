@@ -352,6 +352,10 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         report.publish_summary(summary, history, tracker, cfg.run.name)
         status = "FINISHED"
         return summary
+    except RuntimeError as error:
+        if world.size > 1 and distributed.is_peer_failure(error):
+            safety.hold_sigterm_after_peer_loss()  # report before mlx.launch's SIGTERM lands
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
         if not guard.started:
@@ -434,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefect_runtime.quiet_stop_tracebacks()
     resolved = to_container(cfg)
+    if world.size > 1:
+        safety.install_peer_loss_sigterm()
     if not world.is_main:  # no flow, no MLflow run, no checkpoints: rank 0 owns those
         try:
             train(resolved, world)

@@ -55,6 +55,34 @@ class SafetyConfig:
         )
 
 
+_peer_lost = threading.Event()
+
+
+def hold_sigterm_after_peer_loss() -> None:
+    """From now on this process ignores SIGTERM (main thread only). Called once a collective has
+    failed because another process of the group is gone: `mlx.launch` then stops the survivors
+    with SIGTERM, which would kill this one before it has marked its run FAILED and printed
+    its one-line error."""
+    _peer_lost.set()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _sigterm_unless_peer_lost(signum, frame) -> None:
+    if _peer_lost.is_set():
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def install_peer_loss_sigterm() -> None:
+    """SIGTERM as usual (the process ends), except after `hold_sigterm_after_peer_loss`. Installed
+    by a data-parallel process before its flow, so the handler a flow engine restores on its
+    way out still holds the signal while the process reports a lost peer."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_unless_peer_lost)
+
+
 class TrainingStopped(Exception):
     """Training stopped early, with a checkpoint. `exit_code`: 130 SIGINT, 143 SIGTERM, 3 NaN."""
 
@@ -141,6 +169,8 @@ class StepGuard:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if _peer_lost.is_set():
+            hold_sigterm_after_peer_loss()
 
     # -- step state --------------------------------------------------------------------------
 

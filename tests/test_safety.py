@@ -315,3 +315,33 @@ def test_spool_left_by_a_crashed_run_is_sent_by_the_resumed_run(tmp_path, capsys
     assert not spool.exists()
     history = store.get_metric_history(resumed.run_id, "reward")
     assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+_SIGTERM_SCRIPT = """
+import os, signal, sys, time
+from pipelines import safety
+safety.install_peer_loss_sigterm()
+if sys.argv[1] == "lost":
+    safety.hold_sigterm_after_peer_loss()
+    guard = safety.StepGuard(5).install()
+    guard.uninstall()  # restores the handlers it replaced, and keeps holding SIGTERM
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("reported", flush=True)
+"""
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["no-peer-lost", "peer-lost"])
+def test_sigterm_is_held_once_a_peer_is_lost(lost):
+    """A data-parallel process ends on SIGTERM as usual, but once it has seen a peer fail it
+    ignores it (mlx.launch's SIGTERM to the survivors) so it can report the lost peer."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_SCRIPT, "lost" if lost else "fine"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if lost:
+        assert done.returncode == 0 and "reported" in done.stdout, done.stderr
+    else:
+        assert done.returncode == -15 and "reported" not in done.stdout
