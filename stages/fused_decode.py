@@ -17,6 +17,10 @@ costs. This engine computes exactly what mlx-lm's model computes on its batch KV
 - optionally `mx.compile` on the one-token steps of a block (`COMPILE`), with the weights as
   inputs, so a refresh or a new rollout reuses the traces.
 
+With `fast=True` (rollout.fast_kernels, CUDA) the one-token matmuls and the head go through
+`stages.fast_kernels` instead: not bit-equal to this (another summation order), hence the
+update's importance-sampling correction.
+
 Everything else is mlx-lm's own code, called as modules: embeddings, RoPE, the MoE block, LoRA
 adapters (each adapter's update is added to its slice of the fused output as
 `LoRALinear.__call__` adds it) and the vocabulary head; the norms are `mx.fast.rms_norm` with the
