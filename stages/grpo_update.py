@@ -236,8 +236,9 @@ class FusedAdamW(optim.AdamW):
     one else holds, so evaluating the parameters first and the moments after (`_update_step`)
     updates both in place. (One compiled function for all three would not: an output that
     another output reads splits the fusion and keeps both.) The learning rate and step go in as
-    inputs, so a schedule never retraces. Without a compiler for MLX's CPU kernels (no g++,
-    c++ or clang++) the plain update runs.
+    inputs, so a schedule never retraces. Bit-identical to the plain update on CPU; on CUDA the
+    fused kernel may contract multiply-adds (last bits). Without a compiler for MLX's CPU
+    kernels (no g++, c++ or clang++) the plain update runs.
     """
 
     def __init__(self, *args, **kwargs):

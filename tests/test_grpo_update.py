@@ -579,10 +579,20 @@ def test_micro_batch_size_auto_is_checked_and_planned_first(tiny):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_fused_adamw_is_mlx_adamw_bit_for_bit(dtype, monkeypatch):
-    """The compiled per-array update gives MLX AdamW's numbers exactly, through a warmup and
-    cosine schedule (the learning rate changes every step without a retrace) and weight decay;
-    without a compiler for CPU kernels the plain update runs."""
+def test_fused_adamw_is_mlx_adamw(dtype, monkeypatch):
+    """The compiled per-array update gives MLX AdamW's numbers through a warmup and cosine
+    schedule (the learning rate changes every step without a retrace) and weight decay: bit for
+    bit on CPU; on a GPU the fused kernel may contract multiply-adds, so within a few units of
+    the last place (measured on an H200: not bit-equal in float32). Without a compiler for CPU
+    kernels the plain update runs."""
+    exact = mx.default_device() == mx.cpu
+
+    def same(a, b):
+        if exact:
+            return mx.array_equal(a, b).item()
+        rtol = 1e-5 if dtype == mx.float32 else 2e-2
+        return mx.allclose(a.astype(mx.float32), b.astype(mx.float32), rtol=rtol, atol=1e-7).item()
+
     optimizer = grpo_update.make_optimizer(
         1e-3, schedule="cosine", warmup_steps=2, total_steps=6, weight_decay=0.1
     )
@@ -606,9 +616,9 @@ def test_fused_adamw_is_mlx_adamw_bit_for_bit(dtype, monkeypatch):
         theirs = reference.apply_gradients(grads, theirs)
         mx.eval(ours, theirs, optimizer.state, reference.state)
         for key in ours:
-            assert mx.array_equal(ours[key], theirs[key])
-            assert mx.array_equal(optimizer.state[key]["m"], reference.state[key]["m"])
-            assert mx.array_equal(optimizer.state[key]["v"], reference.state[key]["v"])
+            assert same(ours[key], theirs[key])
+            assert same(optimizer.state[key]["m"], reference.state[key]["m"])
+            assert same(optimizer.state[key]["v"], reference.state[key]["v"])
     assert not mx.array_equal(ours["w"], start["w"])
     if mx.default_device() == mx.cpu:
         monkeypatch.setattr(grpo_update.shutil, "which", lambda name: None)
