@@ -19,20 +19,11 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+from test_fused_decode import _NoEos  # the tokenizer with EOS off: full-length completions
 
 CUDA = fast_kernels.unavailable() is None
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU (MLX's CUDA backend)")
 PROMPTS = ["1+2=", "3+4=", "2+2=7+1=", "0+", "4+4=hello 1+1="]
-
-
-class _NoEos:
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self.eos_token_ids = set()
-        self.pad_token_id = tokenizer.pad_token_id
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
 
 
 @pytest.fixture
