@@ -28,8 +28,12 @@ def _mlx_cpu_wheel_libs() -> Path | None:
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         return None
-    libs = Path(next(iter(spec.submodule_search_locations))).parent / "mlx_cpu.libs"
-    return libs if libs.is_dir() else None
+    # Every location: a folder named mlx beside a script (a clone of MLX, say) comes first.
+    for location in spec.submodule_search_locations:
+        libs = Path(location).parent / "mlx_cpu.libs"
+        if libs.is_dir():
+            return libs
+    return None
 
 
 def _candidates() -> list[str]:

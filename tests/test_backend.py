@@ -84,3 +84,20 @@ def test_one_blas_thread_unless_the_user_sets_it():
     mkl = backend.blas().startswith("libmkl")
     assert _blas_threads({}, drop=("MKL_NUM_THREADS",)) == ("1 1" if mkl else "1 -1")
     assert _blas_threads({"MKL_NUM_THREADS": "2"}) == ("2 2" if mkl else "2 -1")
+
+
+def test_a_folder_named_mlx_beside_the_script_does_not_hide_the_wheel(tmp_path):
+    """A script run from a folder holding a directory called mlx (a clone of MLX, a cache) makes
+    that folder the first place `mlx` is looked up; the wheel's BLAS is still found."""
+    (tmp_path / "mlx" / "0.1").mkdir(parents=True)
+    code = "import stages; from stages import backend; print(backend.blas())"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == backend.blas()
