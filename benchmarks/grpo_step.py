@@ -97,6 +97,12 @@ def main() -> None:
         "exact steps first, then the fast-kernel steps, side by side",
     )
     parser.add_argument(
+        "--gradient-checkpointing",
+        choices=("false", "true", "mlp"),
+        default="false",
+        help="train.gradient_checkpointing for the update (memory; same work)",
+    )
+    parser.add_argument(
         "--load",
         type=int,
         default=0,
@@ -121,14 +127,19 @@ def main() -> None:
     ][world.rank * args.prompts : (world.rank + 1) * args.prompts]
     local_rows = args.prompts * args.group_size
     optimizer = grpo_update.make_optimizer(1e-6)
+    checkpointing = {"false": False, "true": True, "mlp": "mlp"}[args.gradient_checkpointing]
     update_cfg = grpo_update.TrainConfig(
-        loss_type="dapo", beta=0.0, micro_batch_size=args.micro_batch
+        loss_type="dapo",
+        beta=0.0,
+        micro_batch_size=args.micro_batch,
+        gradient_checkpointing=checkpointing,
     )
 
     say = print if world.is_main else (lambda *a, **k: None)
     say(
         f"device={mx.default_device()} shape={shape} dtype={dtype} processes={world.size} "
         f"engine={args.engine} micro-batch={args.micro_batch} "
+        f"gradient-checkpointing={args.gradient_checkpointing} "
         f"work per process={args.prompts}x{args.group_size}x{args.new_tokens} new tokens, "
         f"prompt {args.prompt_tokens}"
     )

@@ -1,5 +1,5 @@
 """Peak memory and throughput of one GRPO update step: full fine-tune vs LoRA, with and without
-gradient checkpointing, side by side in one process.
+gradient checkpointing (of whole blocks, or of the MLPs only), side by side in one process.
 
     ./dev python benchmarks/update_memory.py                 # GPU: 16 x 512 tokens, 28 blocks
     ./dev python benchmarks/update_memory.py --layers 4 --rows 4 --seq-len 128   # CPU-sized
@@ -66,7 +66,7 @@ def synthetic_batch(rows: int, seq_len: int, prompt_len: int, vocab: int, seed: 
     )
 
 
-def run_variant(args, use_lora: bool, checkpointing: bool) -> dict:
+def run_variant(args, use_lora: bool, checkpointing: bool | str) -> dict:
     config = dict(QWEN3_0_6B, num_hidden_layers=args.layers)
     mx.random.seed(0)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
@@ -79,7 +79,7 @@ def run_variant(args, use_lora: bool, checkpointing: bool) -> dict:
     advantages = compute_advantages(rewards, args.rows, "group")
     optimizer = grpo_update.make_optimizer(1e-5)
     if args.plain_adamw:  # MLX's AdamW as it is: each array's update uncompiled
-        optimizer._new_parameter = optimizer._new_state = None
+        optimizer._new_parameter = None
     cfg = grpo_update.TrainConfig(
         micro_batch_size=args.micro_batch_size, gradient_checkpointing=checkpointing
     )
@@ -136,13 +136,14 @@ def main() -> None:
         f"{'plain' if args.plain_adamw else 'fused (compiled)'} AdamW"
     )
     header = (
-        f"{'variant':<16}{'trainable M':>12}{'peak GB':>10}{'resident GB':>13}"
+        f"{'variant':<18}{'trainable M':>12}{'peak GB':>10}{'resident GB':>13}"
         f"{'tokens/s':>10}{'step s':>8}"
     )
     print(header)
     results = {}
     for name, use_lora, checkpointing in [
         ("full", False, False),
+        ("full + mlp ckpt", False, "mlp"),
         ("full + ckpt", False, True),
         ("lora", True, False),
         ("lora + ckpt", True, True),
@@ -150,7 +151,7 @@ def main() -> None:
         r = run_variant(args, use_lora, checkpointing)
         results[name] = r
         print(
-            f"{name:<16}{r['trainable_m']:>12.1f}{r['peak_gb']:>10.2f}{r['resident_gb']:>13.2f}"
+            f"{name:<18}{r['trainable_m']:>12.1f}{r['peak_gb']:>10.2f}{r['resident_gb']:>13.2f}"
             f"{r['tokens_per_s']:>10.0f}{r['seconds']:>8.2f}",
             flush=True,
         )

@@ -30,7 +30,14 @@ from stages.losses import (
     metric_count,
     sampler_importance_ratio,
 )
-from stages.policy import PackedBatch, StagedEval, completion_logprobs, pack, take_rows
+from stages.policy import (
+    PackedBatch,
+    StagedEval,
+    TiedInputGradient,
+    completion_logprobs,
+    pack,
+    take_rows,
+)
 from stages.rollout import RolloutBatch
 from stages.settings import check, one_of, setting
 
@@ -135,8 +142,11 @@ class TrainConfig:
     max_resample_rounds: int = setting(
         3, "dynamic sampling: at most this many extra generation rounds per step"
     )
-    gradient_checkpointing: bool = setting(
-        False, "recompute each block's activations in the backward (less memory)"
+    gradient_checkpointing: Any = setting(
+        False,
+        "true: recompute each block's activations in the backward (least memory, about one "
+        "more forward); mlp: recompute only each block's MLP (about 40% less activation "
+        "memory, about 60% of true's extra compute); false: keep them",
     )
 
     def validate(self) -> None:
@@ -144,6 +154,12 @@ class TrainConfig:
         check(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, ">= 1")
         check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
         one_of("lr_schedule", self.lr_schedule, SCHEDULES)
+        check(
+            isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "mlp",
+            "gradient_checkpointing",
+            self.gradient_checkpointing,
+            "true | false | mlp",
+        )
         one_of("loss_type", self.loss_type, tuple(LOSS_TYPES))
         one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check(0 <= self.epsilon_low < 1, "epsilon_low", self.epsilon_low, "in [0, 1)")
@@ -231,23 +247,43 @@ class FusedAdamW(optim.AdamW):
     an output the size of the array: for the 155M-value embedding of Qwen3-0.6B that is GBs of
     temporaries (on a GPU, MLX allocates an evaluation's outputs when it encodes it) and a dozen
     dispatches per array. Here the arithmetic is AdamW's own (`optim.AdamW.apply_single`,
-    traced), compiled twice: once for the new parameter and once for the new moments. Each is
-    one kernel that reads its inputs once, and MLX gives its outputs the buffers of inputs no
-    one else holds, so evaluating the parameters first and the moments after (`_update_step`)
-    updates both in place. (One compiled function for all three would not: an output that
-    another output reads splits the fusion and keeps both.) The learning rate and step go in as
+    traced), compiled three times: for the new parameter, the new first moment and the new
+    second moment. Each is one kernel that reads its inputs once, and MLX gives its outputs the
+    buffers of inputs no one else holds, so evaluating the parameters first and the moments
+    after (`_update_step`) updates all three in place. (One compiled function for all three
+    would not: an output that another output reads splits the fusion and keeps both.) The
+    learning rate and step go in as
     inputs, so a schedule never retraces. Bit-identical to the plain update on CPU; on CUDA the
     fused kernel may contract multiply-adds (last bits). Without a compiler for MLX's CPU
     kernels (no g++, c++ or clang++) the plain update runs.
+
+    `update(model, gradients, gradient_scale=s)` applies the gradients multiplied by `s` (global
+    norm clipping, as optim.clip_grad_norm scales them) inside the same kernels: the scaled
+    gradients, one more copy of every gradient held between the two evaluations, never exist.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         compiles = _can_compile()
         self._new_parameter = mx.compile(lambda *a: self._traced(*a)[0]) if compiles else None
-        self._new_state = mx.compile(lambda *a: self._traced(*a)[1]) if compiles else None
+        # One kernel per moment: one kernel for both would keep the scaled gradient (read by
+        # both) as an array of its own.
+        self._new_moments = {
+            key: mx.compile(lambda *a, key=key: self._traced(*a)[1][key]) for key in ("m", "v")
+        }
+        self._gradient_scale = None
 
-    def _traced(self, gradient, parameter, state, learning_rate, step):
+    def update(self, model: nn.Module, gradients: dict, gradient_scale: mx.array | None = None):
+        """optim.Optimizer.update; `gradient_scale`: use gradients x gradient_scale."""
+        self._gradient_scale = gradient_scale
+        try:
+            super().update(model, gradients)
+        finally:
+            self._gradient_scale = None
+
+    def _traced(self, gradient, parameter, state, learning_rate, step, *scale):
+        if scale:  # optim.clip_grad_norm's scaling, cast back as it does
+            gradient = (gradient * scale[0]).astype(gradient.dtype)
         saved = self.state["learning_rate"], self.state["step"]
         self.state["learning_rate"], self.state["step"] = learning_rate, step
         try:
@@ -258,11 +294,21 @@ class FusedAdamW(optim.AdamW):
         return parameter, state
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        scale = () if self._gradient_scale is None else (self._gradient_scale,)
         if self._new_parameter is None:
+            if scale:
+                gradient = (gradient * scale[0]).astype(gradient.dtype)
             return super().apply_single(gradient, parameter, state)
-        inputs = (gradient, parameter, state, self.state["learning_rate"], self.state["step"])
-        new_parameter = self._new_parameter(*inputs)
-        state.update(self._new_state(*inputs))
+        lr, step = self.state["learning_rate"], self.state["step"]
+        new_parameter = self._new_parameter(gradient, parameter, state, lr, step, *scale)
+        # The moments do not read the parameter: a scalar stands in for it, so that the old
+        # parameter is not held by the moments' graph and its buffer takes the new one.
+        stand_in = mx.zeros((), dtype=parameter.dtype)
+        moments = {
+            key: new_moment(gradient, stand_in, state, lr, step, *scale)
+            for key, new_moment in self._new_moments.items()
+        }
+        state.update(moments)
         return new_parameter
 
 
@@ -419,7 +465,8 @@ def update_step(
 
     ref_model: the frozen reference when beta != 0; `model` itself for a LoRA model, whose
     reference is its base (adapters switched off, stages.lora.adapters_disabled).
-    With cfg.gradient_checkpointing, every block's activations are recomputed in the backward.
+    With cfg.gradient_checkpointing, every block's activations are recomputed in the backward
+    ("mlp": each block's MLP activations only).
 
     world (data parallel): `batch` is this rank's equal share of the generation batch. dapo's
     token count is summed over ranks, each loss is scaled so that the average of the ranks'
@@ -503,6 +550,7 @@ def _update_step(
         ref_logprobs = no_grad_logprobs(ref_model)
     model.train()
     loss_and_grad = nn.value_and_grad(model, _loss_fn)
+    tied = TiedInputGradient(model)  # the tied embedding's two gradients summed in place
 
     steps: list[dict[str, float]] = []
     per_chunk: list[dict[str, tuple[float, float]]] = []  # metric -> (value, count) per chunk
@@ -514,7 +562,7 @@ def _update_step(
                 share = rule.micro_batch_weight(chunk.size, len(rows), len(chunks))
                 chunk_packed = take_rows(packed, chunk)
                 stages = StagedEval()
-                with grad_checkpoint.staged(model, stages):
+                with grad_checkpoint.staged(model, stages), tied.recording():
                     (loss, (metrics, chunk_logprobs)), chunk_grads = loss_and_grad(
                         model,
                         chunk_packed,
@@ -531,6 +579,7 @@ def _update_step(
                         stages,
                         batch.logprobs[chunk] if in_loss_correction else None,
                     )
+                chunk_grads = tied.fold(chunk_grads)
                 if in_loss_correction:
                     forward_logprobs.append(chunk_logprobs)
                 stages.run()  # the vocabulary head block by block, then the rest
@@ -554,12 +603,18 @@ def _update_step(
                 )
             if world.size > 1:
                 grads = nn.utils.average_gradients(grads, group=world.group)
+            grad_norm, scale = global_norm(grads), None
             if cfg.max_grad_norm > 0:
-                grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            else:
-                grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+                # optim.clip_grad_norm's scale, applied inside FusedAdamW's kernels: no scaled
+                # copy of the gradients is held.
+                scale = mx.minimum(cfg.max_grad_norm / (grad_norm + 1e-6), 1.0)
             learning_rate = optimizer.learning_rate.item()
-            optimizer.update(model, grads)
+            if isinstance(optimizer, FusedAdamW):
+                optimizer.update(model, grads, gradient_scale=scale)
+            else:
+                if scale is not None:
+                    grads = tree_map(lambda g, s=scale: (g * s).astype(g.dtype), grads)
+                optimizer.update(model, grads)
             # The parameters first, then the moments: each evaluation can then write over the
             # arrays it replaces (FusedAdamW).
             eval_by_block(model.parameters())
@@ -607,6 +662,29 @@ def eval_by_block(tree, *, reverse: bool = False) -> None:
             mx.eval(previous)
         previous = blocks[index]
     mx.eval(rest, previous or [])
+
+
+# Squares of at most this many gradient values at a time (64 MiB of float32) in global_norm.
+NORM_SLAB = 1 << 24
+
+
+def global_norm(grads) -> mx.array:
+    """The global L2 norm of a gradient tree (float32), evaluated slab by slab: squaring a
+    gradient at once makes a temporary of its size (the 0.6 GB embedding of Qwen3-0.6B in
+    float32), and one evaluation of every square would hold them all (on a GPU, MLX allocates
+    an evaluation's outputs when it encodes it). Here at most NORM_SLAB squares exist at once."""
+    total, pending = mx.array(0.0, dtype=mx.float32), 0
+    for _, gradient in tree_flatten(grads):
+        rows = gradient.reshape(gradient.shape[0], -1) if gradient.ndim else gradient.reshape(1, 1)
+        step = max(1, NORM_SLAB // max(rows.shape[1], 1))
+        for start in range(0, rows.shape[0], step):
+            slab = rows[start : start + step]
+            if pending and pending + slab.size > NORM_SLAB:
+                mx.eval(total)
+                pending = 0
+            total = total + mx.square(slab.astype(mx.float32)).sum()
+            pending += slab.size
+    return mx.sqrt(total)
 
 
 def _micro_step_means(per_chunk: list[dict], world: distributed.World) -> dict[str, float]:

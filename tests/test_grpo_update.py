@@ -623,3 +623,64 @@ def test_fused_adamw_is_mlx_adamw(dtype, monkeypatch):
     if mx.default_device() == mx.cpu:
         monkeypatch.setattr(grpo_update.shutil, "which", lambda name: None)
         assert grpo_update.make_optimizer(1e-3)._new_parameter is None
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_fused_adamw_scales_the_gradients_as_clip_grad_norm(dtype):
+    """update(..., gradient_scale=s) inside the compiled kernels gives MLX AdamW applied to
+    optim.clip_grad_norm's clipped gradients (bit for bit on CPU)."""
+    optimizer = grpo_update.make_optimizer(1e-3, weight_decay=0.1)
+    reference = optim.AdamW(learning_rate=1e-3, weight_decay=0.1, bias_correction=True)
+    mx.random.seed(1)
+    ours, theirs = nn.Linear(24, 40), nn.Linear(24, 40)
+    ours.set_dtype(dtype)
+    theirs.update(ours.parameters())
+    for _ in range(3):
+        grads = tree_map(lambda p: 5 * mx.random.normal(p.shape).astype(dtype), ours.parameters())
+        clipped, norm = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(ours, grads, gradient_scale=mx.minimum(1.0 / (norm + 1e-6), 1.0))
+        reference.update(theirs, clipped)
+        mx.eval(ours.parameters(), theirs.parameters(), optimizer.state, reference.state)
+        for (name, a), (_, b) in zip(
+            tree_flatten(ours.parameters()), tree_flatten(theirs.parameters())
+        ):
+            if mx.default_device() == mx.cpu:
+                assert mx.array_equal(a, b).item(), name
+            else:
+                assert mx.allclose(a, b, rtol=2e-2, atol=1e-6).item(), name
+
+
+def test_a_clipped_update_writes_in_place():
+    """The parameters, then the moments, updated in place with clipping: no gradient-sized
+    copy (the scaled gradients) is held between the two evaluations."""
+    optimizer = grpo_update.make_optimizer(1e-3)
+    model = nn.Linear(1024, 1024, bias=False)  # 4 MiB of float32
+    size = model.weight.nbytes
+    for _ in range(2):  # the first step creates the moments
+        grads = {"weight": mx.random.normal(model.weight.shape)}
+        mx.eval(grads, model.parameters(), optimizer.state)
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        optimizer.update(model, grads, gradient_scale=mx.array(0.5))
+        grpo_update.eval_by_block(model.parameters())
+        between = mx.get_active_memory()
+        grpo_update.eval_by_block(optimizer.state)
+    assert between - before < size // 2
+    assert mx.get_peak_memory() - before < size // 2
+
+
+def test_global_norm_squares_a_slab_at_a_time(monkeypatch):
+    """The global norm (as optim.clip_grad_norm's, within float32 summation error), with at
+    most NORM_SLAB squares in memory at once."""
+    monkeypatch.setattr(grpo_update, "NORM_SLAB", 1 << 16)
+    mx.random.seed(3)
+    grads = {"a": mx.random.normal((1024, 512)), "b": [mx.random.normal((7,)), mx.array(2.0)]}
+    mx.eval(grads)
+    want = np.sqrt(sum((np.array(g, dtype=np.float64) ** 2).sum() for _, g in tree_flatten(grads)))
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    got = grpo_update.global_norm(grads)
+    mx.eval(got)
+    assert mx.get_peak_memory() - before <= 2 * (1 << 16) * 4  # a slab's squares (float32)
+    assert got.item() == pytest.approx(want, rel=2e-5)
+    assert got.item() == pytest.approx(optim.clip_grad_norm(grads, 1.0)[1].item(), rel=2e-4)

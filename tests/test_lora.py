@@ -199,18 +199,33 @@ def test_qlora_trains_adapters_over_packed_weights(tiny_path, tmp_path, bits):
     assert fused_weights["model.layers.0.self_attn.q_proj.weight"].dtype == mx.float32
 
 
-def test_gradient_checkpointing_gives_the_same_update(tiny_path):
+@pytest.mark.parametrize("mode", [True, "mlp"])
+def test_gradient_checkpointing_gives_the_same_update(tiny_path, mode):
     results = []
-    for checkpointing in (False, True):
+    for checkpointing in (False, mode):
         model, tokenizer = load(tiny_path, dtype="float32")
         metrics = _train(model, tokenizer, steps=1, gradient_checkpointing=checkpointing)
         results.append((metrics, _params(model)))
     (m0, p0), (m1, p1) = results
     assert m0["loss"] == pytest.approx(m1["loss"], abs=1e-6)
+    start = _params(load(tiny_path, dtype="float32")[0])
     for name in p0:
         np.testing.assert_allclose(p1[name], p0[name], atol=1e-6)
-    # Patched for the update only: rollouts afterwards use the plain block class.
-    layer_type = type(load(tiny_path)[0].layers[0])
-    assert layer_type.__call__.__qualname__.endswith(f"{layer_type.__name__}.__call__")
-    with grad_checkpoint.enabled(model):
-        assert layer_type.__call__.__name__ == "checkpointed_fn"
+    assert any(not np.array_equal(p1[name], start[name]) for name in p0)  # the step trained
+    # Patched for the update only: rollouts afterwards use the plain classes.
+    layer = load(tiny_path)[0].layers[0]
+    patched = type(layer.mlp) if mode == "mlp" else type(layer)
+    other = type(layer) if mode == "mlp" else type(layer.mlp)
+    assert patched.__call__.__qualname__.endswith(f"{patched.__name__}.__call__")
+    with grad_checkpoint.enabled(model, mode):
+        assert patched.__call__.__name__ == "checkpointed_fn"
+        assert other.__call__.__name__ != "checkpointed_fn"
+    assert patched.__call__.__qualname__.endswith(f"{patched.__name__}.__call__")
+
+
+def test_gradient_checkpointing_takes_true_false_or_mlp():
+    for good in (True, False, "mlp"):
+        TrainConfig(gradient_checkpointing=good).validate()
+    for bad in ("attention", 1, "true"):
+        with pytest.raises(ValueError, match="gradient_checkpointing=.* true | false | mlp"):
+            TrainConfig(gradient_checkpointing=bad).validate()

@@ -3,6 +3,8 @@ vocabulary, never the whole (N, T, V) logits, equal to the unchunked computation
 values, the loss and the gradients of the update, for every loss type and with the
 high-entropy mask."""
 
+import contextlib
+
 from stages import grpo_update, policy
 from stages.advantages import compute_advantages
 from stages.entropy import token_entropy
@@ -155,3 +157,68 @@ def test_padding_the_forward_to_the_attention_tile_changes_nothing(tiny, tile, m
     assert _relative(got_entropy, want_entropy) < 1e-5
     for name in want_grads:
         assert _relative(got_grads[name], want_grads[name]) < 1e-5, name
+
+
+def test_the_tied_embedding_gradient_is_autograds_sum(tiny_path, monkeypatch):
+    """update_step adds the input lookup's gradient into the tied head's (TiedInputGradient):
+    the same accumulated gradient as autograd's own sum of the two."""
+    cfg = TrainConfig(micro_batch_size=3, max_grad_norm=0)
+    folded = []
+    fold = policy.TiedInputGradient.fold
+
+    def counting_fold(self, grads):
+        folded.append(len(self.recorded))
+        return fold(self, grads)
+
+    monkeypatch.setattr(policy.TiedInputGradient, "fold", counting_fold)
+    got, _ = _update(tiny_path, cfg, monkeypatch, policy.completion_logprobs)
+    assert folded and all(n == 1 for n in folded)  # one lookup per micro-batch, all folded
+    # Nothing recorded: autograd sums the two gradients itself.
+    monkeypatch.setattr(policy.TiedInputGradient, "recording", contextlib.nullcontext)
+    want, _ = _update(tiny_path, cfg, monkeypatch, policy.completion_logprobs)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert _relative(got[name], value) < 1e-6, name
+
+
+def test_the_tied_embedding_gradient_needs_no_extra_matrix():
+    """With tied embeddings autograd would scatter the lookup's gradient into a new (V, D)
+    matrix and add it to the head's in a third; folded in, the gradient's evaluation holds no
+    vocabulary-sized matrix beyond the gradient itself."""
+    from stages.tiny_model import TINY_QWEN3
+
+    from mlx_lm.models import qwen3
+
+    model = qwen3.Model(qwen3.ModelArgs.from_dict({**TINY_QWEN3, "vocab_size": 16384}))
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    matrix = model.model.embed_tokens.weight.nbytes  # 4 MiB
+    tokens = mx.random.randint(0, 16384, (2, 24), key=mx.random.key(0))
+    packed = policy.PackedBatch(
+        tokens=tokens,
+        gather_index=mx.broadcast_to(mx.arange(7, 23)[None], (2, 16)),
+        completion_ids=tokens[:, 8:24],
+        loss_mask=mx.ones((2, 16)),
+    )
+
+    def loss(net, stages):
+        return policy.completion_logprobs(net, packed, 1.0, stages=stages)[0].sum()
+
+    peaks = {}
+    for fold in (False, True):
+        tied = policy.TiedInputGradient(model)
+        assert tied.active
+        stages = policy.StagedEval()
+        with tied.recording() if fold else contextlib.nullcontext():
+            _, grads = nn.value_and_grad(model, loss)(model, stages)
+        grads = tied.fold(grads)
+        stages.run()
+        head = grads["model"]["embed_tokens"]["weight"]
+        blocks = [v for k, v in tree_flatten(grads) if "embed_tokens" not in k]
+        mx.eval(blocks)
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(head)
+        peaks[fold] = mx.get_peak_memory() - before
+        del grads, head, blocks
+    assert peaks[True] < matrix // 2 < matrix <= peaks[False]
