@@ -46,15 +46,16 @@ def staged(model: nn.Module, stages) -> Iterator[nn.Module]:
     stages.policy.StagedEval) as the graph is built, so the forward pass is evaluated one block
     at a time. On a GPU MLX allocates an operation's output when it encodes it, ahead of the
     compute; evaluating the whole forward at once would hold every block's temporaries (and,
-    with checkpointing, defeat it)."""
+    with checkpointing, defeat it). Each block's input is tapped (StagedEval.tap) for its
+    gradient."""
     first_of_type = {}
     for layer in model.layers:
         first_of_type.setdefault(type(layer), layer)
     originals = {cls: cls.__call__ for cls in first_of_type}
 
     def wrap(call):
-        def staged_call(self, *args, **kwargs):
-            out = call(self, *args, **kwargs)
+        def staged_call(self, x, *args, **kwargs):
+            out = call(self, stages.tap(x), *args, **kwargs)
             stages.add(out)
             return out
 

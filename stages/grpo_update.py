@@ -586,7 +586,8 @@ def _update_step(
                 if grads is not None:
                     chunk_grads = tree_map(lambda a, b: a + b, grads, chunk_grads)
                 grads = chunk_grads
-                eval_by_block(grads, reverse=True)  # the backward, last block first
+                # the backward, last block first, each with its input's gradient
+                eval_by_block(grads, reverse=True, alongside=stages.input_grads)
                 mx.eval(loss, metrics, forward_logprobs)
                 step_loss += loss.item()
                 mask = chunk_packed.loss_mask
@@ -641,26 +642,35 @@ def _update_step(
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def eval_by_block(tree, *, reverse: bool = False) -> None:
+def eval_by_block(tree, *, reverse: bool = False, alongside: dict | None = None) -> None:
     """Evaluate a tree of arrays named like a model's parameters (gradients, or parameters with
     optimizer state) one transformer block at a time, then the rest; `reverse`: last block
     first, the order of the backward pass. At most two blocks are in flight: on a GPU, MLX
     allocates every output of an evaluation when it encodes it, so one evaluation of the whole
-    backward (or of AdamW's update) would hold the temporaries of every block at once."""
+    backward (or of AdamW's update) would hold the temporaries of every block at once.
+    `alongside` (block -> array, emptied as it goes): evaluated with that block's arrays (the
+    gradient of each block's input, StagedEval.input_grads: block i's activations are then
+    released with block i, not with block i - 1)."""
     blocks: dict[int, list] = {}
     rest = []
     for name, value in tree_flatten(tree):
         found = _BLOCK.search(name)
         (blocks.setdefault(int(found.group(1)), []) if found else rest).append(value)
+    alongside = alongside if alongside is not None else {}
+    for index in alongside:
+        blocks.setdefault(index, [])
     previous = None
     for index in sorted(blocks, reverse=reverse):
+        group = blocks.pop(index)  # not held once evaluated
+        if index in alongside:
+            group.append(alongside.pop(index))
         if StagedEval.in_flight < 2:
-            mx.eval(blocks[index])
+            mx.eval(group)
             continue
-        mx.async_eval(blocks[index])
+        mx.async_eval(group)
         if previous is not None:
             mx.eval(previous)
-        previous = blocks[index]
+        previous = group
     mx.eval(rest, previous or [])
 
 

@@ -141,6 +141,28 @@ class StagedEval:
 
     def __init__(self) -> None:
         self._pending: list = []
+        # Each transformer block's input gradient, by block (tap): see input_grads.
+        self.input_grads: dict[int, mx.array] = {}
+        self._taps = 0
+
+    def tap(self, x: mx.array) -> mx.array:
+        """x (the input of the next transformer block) unchanged; its gradient, once the
+        backward pass is built, lands in `input_grads[i]` (i: the block's order). Evaluating it
+        with block i's parameter gradients (grpo_update.eval_by_block) frees block i's kept or
+        recomputed activations then, not at the next block's evaluation."""
+        index, grads = self._taps, self.input_grads
+        self._taps += 1
+
+        @mx.custom_function
+        def identity(value):
+            return value
+
+        @identity.vjp
+        def identity_back(primals, cotangent, output):
+            grads[index] = cotangent
+            return cotangent
+
+        return identity(x)
 
     def add(self, *arrays: mx.array, serial: bool = False) -> None:
         """Queue one part. Its last array is the one waited on. `serial`: the part updates an

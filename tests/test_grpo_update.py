@@ -590,8 +590,12 @@ def test_fused_adamw_is_mlx_adamw(dtype, monkeypatch):
     def same(a, b):
         if exact:
             return mx.array_equal(a, b).item()
+        # The unfused reference rounds every elementwise step to the dtype, the fused kernel
+        # does not: where m's two terms cancel the difference is of the terms' size, so the
+        # tolerance is relative to the array's scale (a few bfloat16 ulps).
         rtol = 1e-5 if dtype == mx.float32 else 2e-2
-        return mx.allclose(a.astype(mx.float32), b.astype(mx.float32), rtol=rtol, atol=1e-7).item()
+        a, b = a.astype(mx.float32), b.astype(mx.float32)
+        return mx.allclose(a, b, rtol=rtol, atol=rtol * mx.abs(b).max().item()).item()
 
     optimizer = grpo_update.make_optimizer(
         1e-3, schedule="cosine", warmup_steps=2, total_steps=6, weight_decay=0.1

@@ -222,3 +222,30 @@ def test_the_tied_embedding_gradient_needs_no_extra_matrix():
         peaks[fold] = mx.get_peak_memory() - before
         del grads, head, blocks
     assert peaks[True] < matrix // 2 < matrix <= peaks[False]
+
+
+def test_each_block_input_gradient_is_tapped_and_evaluated_with_its_block(tiny):
+    """In the update's staged forward every block's input is tapped: its gradient (the
+    cotangent the block below receives) is kept per block, and eval_by_block evaluates it with
+    that block's parameter gradients and lets it go."""
+    from stages import grad_checkpoint
+
+    model, _ = tiny
+    packed = policy.pack(_batch(tiny))
+    stages = policy.StagedEval()
+    tied = policy.TiedInputGradient(model)
+
+    def loss(net):
+        return policy.completion_logprobs(net, packed, 1.3, stages=stages)[0].sum()
+
+    with grad_checkpoint.staged(model, stages), tied.recording():
+        _, grads = nn.value_and_grad(model, loss)(model)
+    assert sorted(stages.input_grads) == list(range(len(model.layers)))
+    first = stages.input_grads[0]
+    assert first.shape == (*policy.forward_inputs(packed.tokens).shape, model.args.hidden_size)
+    stages.run()
+    grpo_update.eval_by_block(grads, reverse=True, alongside=stages.input_grads)
+    assert stages.input_grads == {}
+    # block 0's input is the embedding's output: the same gradient reaches the lookup
+    assert mx.array_equal(first, tied.recorded[0][1]).item()
+    assert float(mx.abs(first).max()) > 0
