@@ -480,7 +480,10 @@ def update_step(
         raise ValueError("micro_batch_size=auto: choose the rows first with plan_micro_batch")
     world = world or distributed.World()
     try:
-        with grad_checkpoint.enabled(model, cfg.gradient_checkpointing):
+        with (
+            grad_checkpoint.enabled(model, cfg.gradient_checkpointing),
+            lora.adapters_in_activation_dtype(model),
+        ):
             metrics = _update_step(model, optimizer, batch, advantages, cfg, ref_model, world, seed)
         return distributed.reduce_metrics(metrics, world)
     finally:

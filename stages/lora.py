@@ -203,3 +203,43 @@ def fuse(model: nn.Module, *, dequantize: bool = True) -> nn.Module:
     model.unfreeze()
     mx.eval(model.parameters())
     return model
+
+
+@contextmanager
+def adapters_in_activation_dtype(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, each LoRA layer of `model` (mlx-lm's LoRALinear and LoRASwitchLinear)
+    multiplies its input by its adapters cast to the input's dtype; the adapters stay float32
+    master weights and their gradients float32 (the cast's gradient), as under torch's
+    autocast.
+
+    mlx-lm's LoRALinear computes `x @ lora_a` with bfloat16 x and float32 adapters, so MLX
+    promotes: every adapter's input, its output and their gradients become float32 copies, kept
+    for the backward pass (about 10k float32 values per token and Qwen3 block: more than the
+    whole bfloat16 block's own). mlx-lm's forward is called as it is, with the cast adapters in
+    place of its own for the duration of the call. Where the dtypes already agree (float32 on
+    CPU) nothing changes. The update uses it for every forward pass it makes (the loss, the old
+    and the reference log-probs), so its ratios compare like with like.
+    """
+    classes = {type(m) for _, m in lora_layers(model)} & {LoRALinear, LoRASwitchLinear}
+    originals = {cls: cls.__call__ for cls in classes}
+
+    def cast(call):
+        def cast_call(self, x, *args, **kwargs):
+            a, b = self.lora_a, self.lora_b
+            if a.dtype == x.dtype or not mx.issubdtype(x.dtype, mx.floating):
+                return call(self, x, *args, **kwargs)
+            self.lora_a, self.lora_b = a.astype(x.dtype), b.astype(x.dtype)
+            try:
+                return call(self, x, *args, **kwargs)
+            finally:
+                self.lora_a, self.lora_b = a, b
+
+        return cast_call
+
+    try:
+        for cls, call in originals.items():
+            cls.__call__ = cast(call)
+        yield model
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call

@@ -1,5 +1,6 @@
 """LoRA and QLoRA on mlx-lm's layers: what trains, adapters on disk, the reference, fusing."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -229,3 +230,64 @@ def test_gradient_checkpointing_takes_true_false_or_mlp():
     for bad in ("attention", 1, "true"):
         with pytest.raises(ValueError, match="gradient_checkpointing=.* true | false | mlp"):
             TrainConfig(gradient_checkpointing=bad).validate()
+
+
+def _lora_bf16(tiny_path):
+    model, tokenizer = load(tiny_path, dtype="bfloat16")
+    lora.apply(model, lora.LoraConfig(rank=8))
+    for _, layer in lora.lora_layers(model):  # non-zero B, so the adapters change the output
+        layer.lora_b = 0.05 * mx.random.normal(layer.lora_b.shape, key=mx.random.key(1))
+    mx.eval(model.parameters())
+    return model, tokenizer
+
+
+def test_adapters_compute_in_the_activation_dtype_with_float32_masters(tiny_path):
+    """A bfloat16 model's float32 adapters: within adapters_in_activation_dtype the adapter path
+    runs in bfloat16 (no float32 copies of its activations: less peak memory), the loss and the
+    float32 gradients of the adapters agree with mlx-lm's float32 path to bfloat16 precision, and
+    the classes are restored afterwards."""
+    model, _ = _lora_bf16(tiny_path)
+    assert {a.dtype for _, a in tree_flatten(model.trainable_parameters())} == {mx.float32}
+    tokens = mx.random.randint(0, 64, (16, 128), key=mx.random.key(2))
+
+    def loss(net):
+        return net(tokens).astype(mx.float32).square().mean()
+
+    results = {}
+    for cast in (False, True):
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        with lora.adapters_in_activation_dtype(model) if cast else contextlib.nullcontext():
+            value, grads = nn.value_and_grad(model, loss)(model)
+            mx.eval(value, grads)
+        results[cast] = (value.item(), dict(tree_flatten(grads)), mx.get_peak_memory() - before)
+        del value, grads
+    (plain, plain_grads, plain_peak), (cast, cast_grads, cast_peak) = results[False], results[True]
+    assert cast == pytest.approx(plain, rel=2e-2)
+    for name, g in plain_grads.items():
+        assert cast_grads[name].dtype == mx.float32
+        scale = float(mx.abs(g).max())
+        assert scale > 0 and float(mx.abs(cast_grads[name] - g).max()) <= 0.1 * scale, name
+    assert cast_peak < 0.8 * plain_peak, (cast_peak, plain_peak)
+    assert LoRALinear.__call__.__qualname__ == "LoRALinear.__call__"
+
+
+def test_the_update_uses_the_activation_dtype_and_keeps_float32_adapters(tiny_path, monkeypatch):
+    model, tokenizer = _lora_bf16(tiny_path)
+    entered = []
+    real = lora.adapters_in_activation_dtype
+
+    def spy(net):
+        entered.append(net)
+        return real(net)
+
+    monkeypatch.setattr(lora, "adapters_in_activation_dtype", spy)
+    before = {
+        k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.trainable_parameters())
+    }
+    _train(model, tokenizer, steps=1)
+    assert entered == [model]
+    after = dict(tree_flatten(model.trainable_parameters()))
+    assert {a.dtype for a in after.values()} == {mx.float32}
+    assert any(not np.array_equal(np.array(after[k]), v) for k, v in before.items())
