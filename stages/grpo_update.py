@@ -466,7 +466,8 @@ def update_step(
     ref_model: the frozen reference when beta != 0; `model` itself for a LoRA model, whose
     reference is its base (adapters switched off, stages.lora.adapters_disabled).
     With cfg.gradient_checkpointing, every block's activations are recomputed in the backward
-    ("mlp": each block's MLP activations only).
+    ("mlp": each block's MLP activations only), and the staged evaluation keeps one part in
+    flight (StagedEval.parts_in_flight).
 
     world (data parallel): `batch` is this rank's equal share of the generation batch. dapo's
     token count is summed over ranks, each loss is scaled so that the average of the ranks'
@@ -480,9 +481,13 @@ def update_step(
         raise ValueError("micro_batch_size=auto: choose the rows first with plan_micro_batch")
     world = world or distributed.World()
     try:
+        # Checkpointing is asked for to save memory: one part in flight (a lower peak that
+        # does not move with the host's timing, for some speed).
+        parts = 1 if cfg.gradient_checkpointing else StagedEval.in_flight
         with (
             grad_checkpoint.enabled(model, cfg.gradient_checkpointing),
             lora.adapters_in_activation_dtype(model),
+            StagedEval.parts_in_flight(parts),
         ):
             metrics = _update_step(model, optimizer, batch, advantages, cfg, ref_model, world, seed)
         return distributed.reduce_metrics(metrics, world)
@@ -784,12 +789,11 @@ def plan_micro_batch(
         gc.collect()
         mx.clear_cache()
         mx.reset_peak_memory()
-        StagedEval.in_flight = 1  # one part at a time: the same peak on every run
         try:
-            update_step(model, optimizer, batch, mx.ones((rows,)), probe, ref_model)
+            with StagedEval.parts_in_flight(1):  # one part at a time: the same peak every run
+                update_step(model, optimizer, batch, mx.ones((rows,)), probe, ref_model)
             return mx.get_peak_memory()
         finally:  # undo the probe's step
-            StagedEval.in_flight = 2
             model.update(params)
             optimizer.state = state
             gc.collect()

@@ -14,6 +14,8 @@ recomputes a chunk's logits in the backward pass instead of storing them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from stages.entropy import token_entropy
@@ -136,8 +138,20 @@ class StagedEval:
     """
 
     # At most this many parts in flight: 2 lets a GPU compute one part while the host builds the
-    # next; 1 (plan_micro_batch's probes) makes peak memory the same from run to run.
+    # next; 1 (plan_micro_batch's probes, and updates with gradient checkpointing) makes peak
+    # memory lower and the same from run to run (with 2 it moves with the host's timing).
     in_flight = 2
+
+    @staticmethod
+    @contextmanager
+    def parts_in_flight(parts: int) -> Iterator[None]:
+        """Within the block, at most `parts` parts are in flight (StagedEval.in_flight)."""
+        saved = StagedEval.in_flight
+        StagedEval.in_flight = parts
+        try:
+            yield
+        finally:
+            StagedEval.in_flight = saved
 
     def __init__(self) -> None:
         self._pending: list = []

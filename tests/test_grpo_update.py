@@ -688,3 +688,21 @@ def test_global_norm_squares_a_slab_at_a_time(monkeypatch):
     assert mx.get_peak_memory() - before <= 2 * (1 << 16) * 4  # a slab's squares (float32)
     assert got.item() == pytest.approx(want, rel=2e-5)
     assert got.item() == pytest.approx(optim.clip_grad_norm(grads, 1.0)[1].item(), rel=2e-4)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True, "mlp"])
+def test_checkpointing_keeps_one_part_in_flight(tiny, monkeypatch, checkpointing):
+    """With gradient checkpointing (asked for to save memory) the staged evaluation keeps one
+    part in flight; without, the default two. The setting is restored afterwards."""
+    from stages.policy import StagedEval
+
+    seen = []
+    run = StagedEval.run
+    monkeypatch.setattr(
+        StagedEval, "run", lambda self: seen.append(StagedEval.in_flight) or run(self)
+    )
+    batch, advantages = _rollout(tiny)
+    cfg = TrainConfig(gradient_checkpointing=checkpointing)
+    grpo_update.update_step(tiny[0], optim.SGD(learning_rate=0.1), batch, advantages, cfg)
+    assert seen and set(seen) == {1 if checkpointing else 2}
+    assert StagedEval.in_flight == 2
