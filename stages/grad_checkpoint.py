@@ -30,11 +30,21 @@ def enabled(model: nn.Module, on: bool | str = True) -> Iterator[nn.Module]:
     for layer in model.layers:
         module = layer.mlp if on == "mlp" and hasattr(layer, "mlp") else layer
         first_of_type.setdefault(type(module), module)
-    originals = {cls: cls.__call__ for cls in first_of_type}
-    try:
-        for layer in first_of_type.values():
-            grad_checkpoint(layer)
+    with wrapped_calls(first_of_type, lambda call: call):  # restores what mlx-lm patches
+        for module in first_of_type.values():
+            grad_checkpoint(module)
         yield model
+
+
+@contextmanager
+def wrapped_calls(classes, wrap) -> Iterator[None]:
+    """Within the block, each class in `classes` has `__call__ = wrap(its own __call__)`;
+    restored after (the update's patches of mlx-lm's module classes)."""
+    originals = {cls: cls.__call__ for cls in set(classes)}
+    try:
+        for cls, call in originals.items():
+            cls.__call__ = wrap(call)
+        yield
     finally:
         for cls, call in originals.items():
             cls.__call__ = call
@@ -48,10 +58,6 @@ def staged(model: nn.Module, stages) -> Iterator[nn.Module]:
     compute; evaluating the whole forward at once would hold every block's temporaries (and,
     with checkpointing, defeat it). Each block's input is tapped (StagedEval.tap) for its
     gradient."""
-    first_of_type = {}
-    for layer in model.layers:
-        first_of_type.setdefault(type(layer), layer)
-    originals = {cls: cls.__call__ for cls in first_of_type}
 
     def wrap(call):
         def staged_call(self, x, *args, **kwargs):
@@ -61,10 +67,5 @@ def staged(model: nn.Module, stages) -> Iterator[nn.Module]:
 
         return staged_call
 
-    try:
-        for cls, call in originals.items():
-            cls.__call__ = wrap(call)
+    with wrapped_calls({type(layer) for layer in model.layers}, wrap):
         yield model
-    finally:
-        for cls, call in originals.items():
-            cls.__call__ = call

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from stages.grad_checkpoint import wrapped_calls
 from stages.settings import check, setting
 
 import mlx.core as mx
@@ -221,7 +222,6 @@ def adapters_in_activation_dtype(model: nn.Module) -> Iterator[nn.Module]:
     and the reference log-probs), so its ratios compare like with like.
     """
     classes = {type(m) for _, m in lora_layers(model)} & {LoRALinear, LoRASwitchLinear}
-    originals = {cls: cls.__call__ for cls in classes}
 
     def cast(call):
         def cast_call(self, x, *args, **kwargs):
@@ -236,10 +236,5 @@ def adapters_in_activation_dtype(model: nn.Module) -> Iterator[nn.Module]:
 
         return cast_call
 
-    try:
-        for cls, call in originals.items():
-            cls.__call__ = cast(call)
+    with wrapped_calls(classes, cast):
         yield model
-    finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
