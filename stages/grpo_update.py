@@ -252,10 +252,9 @@ class FusedAdamW(optim.AdamW):
     buffers of inputs no one else holds, so evaluating the parameters first and the moments
     after (`_update_step`) updates all three in place. (One compiled function for all three
     would not: an output that another output reads splits the fusion and keeps both.) The
-    learning rate and step go in as
-    inputs, so a schedule never retraces. Bit-identical to the plain update on CPU; on CUDA the
-    fused kernel may contract multiply-adds (last bits). Without a compiler for MLX's CPU
-    kernels (no g++, c++ or clang++) the plain update runs.
+    learning rate and step go in as inputs, so a schedule never retraces. Bit-identical to the
+    plain update on CPU; on CUDA the fused kernel may contract multiply-adds (last bits).
+    Without a compiler for MLX's CPU kernels (no g++, c++ or clang++) the plain update runs.
 
     `update(model, gradients, gradient_scale=s)` applies the gradients multiplied by `s` (global
     norm clipping, as optim.clip_grad_norm scales them) inside the same kernels: the scaled
@@ -268,9 +267,11 @@ class FusedAdamW(optim.AdamW):
         self._new_parameter = mx.compile(lambda *a: self._traced(*a)[0]) if compiles else None
         # One kernel per moment: one kernel for both would keep the scaled gradient (read by
         # both) as an array of its own.
-        self._new_moments = {
-            key: mx.compile(lambda *a, key=key: self._traced(*a)[1][key]) for key in ("m", "v")
-        }
+        self._new_moments = (
+            {key: mx.compile(lambda *a, key=key: self._traced(*a)[1][key]) for key in ("m", "v")}
+            if compiles
+            else {}
+        )
         self._gradient_scale = None
 
     def update(self, model: nn.Module, gradients: dict, gradient_scale: mx.array | None = None):
