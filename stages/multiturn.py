@@ -105,7 +105,7 @@ def make_engine(model: nn.Module, cfg: RolloutConfig):
     it runs the model; mlx_lm (or a model it does not run, under auto) the re-prefill one."""
     if uses_fused(model, cfg):
         return fused_decode.RaggedDecoder(
-            model, prefill_step=PREFILL_STEP, compiled=cfg.fused_compile, fast=cfg.fast_kernels
+            model, prefill_step=PREFILL_STEP, compiled=cfg.compiles_fused, fast=cfg.fast_kernels
         )
     return ReprefillEngine(model, cfg.max_kv_size)
 

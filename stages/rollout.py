@@ -92,10 +92,11 @@ class RolloutConfig:
         "cache; the same tokens and logprobs as mlx_lm), mlx_lm (mlx-lm's model and batch "
         "caches), auto (fused where it supports the model and max_kv_size is 0, else mlx_lm)",
     )
-    fused_compile: bool = setting(
-        False,
+    fused_compile: bool | None = setting(
+        None,
         "mx.compile the fused engine's one-token block steps: a one-time trace and kernel "
-        "build in the first rollout of a process (41 s on an H200), about 3% off a GPU step after",
+        "build in the first rollout of a process (41 s on an H200), about 3% off a GPU step "
+        "after; null: on exactly when fast_kernels (whose kernel pays only compiled)",
     )
     fast_kernels: bool = setting(
         False,
@@ -130,6 +131,11 @@ class RolloutConfig:
         "import path of a custom rollout function(prompts, trainer) -> dict of prompt_ids, "
         "completion_ids, logprobs (TRL's rollout_func); replaces generation",
     )
+
+    @property
+    def compiles_fused(self) -> bool:
+        """fused_compile resolved: null is on exactly when fast_kernels."""
+        return self.fast_kernels if self.fused_compile is None else self.fused_compile
 
     def validate(self) -> None:
         check(self.group_size >= 1, "group_size", self.group_size, ">= 1")
@@ -656,7 +662,7 @@ def make_engine(model: nn.Module, cfg: RolloutConfig):
     """The decode engine `cfg.engine` names; auto: fused where it supports the model."""
     if uses_fused(model, cfg):
         return fused_decode.FusedDecoder(
-            model, prefill_step=PREFILL_STEP, compiled=cfg.fused_compile, fast=cfg.fast_kernels
+            model, prefill_step=PREFILL_STEP, compiled=cfg.compiles_fused, fast=cfg.fast_kernels
         )
     return MlxLmEngine(model, cfg.max_kv_size)
 

@@ -68,6 +68,21 @@ def test_fast_kernels_need_the_fused_engine(tiny, emulated):
         uses_fused(model, cfg)
 
 
+@pytest.mark.parametrize("setting", [None, True, False])
+@pytest.mark.parametrize("fast", [False, True])
+def test_fused_compile_null_compiles_exactly_with_fast_kernels(tiny, emulated, setting, fast):
+    """The kernel pays only compiled (its Python call costs more host time than a matmul's):
+    fused_compile null follows fast_kernels; true or false is kept. Both engines take it."""
+    from stages import multiturn, rollout
+
+    model, _ = tiny
+    cfg = RolloutConfig(fast_kernels=fast, fused_compile=setting)
+    want = fast if setting is None else setting
+    assert cfg.compiles_fused is want
+    assert rollout.make_engine(model, cfg).compiled is want
+    assert multiturn.make_engine(model, cfg).compiled is want
+
+
 def test_supports_needs_half_precision_and_tile_sizes():
     w = mx.zeros((64, 32), dtype=mx.bfloat16)
     assert fast_kernels.supports(mx.zeros((3, 32), dtype=mx.bfloat16), w)
@@ -94,9 +109,9 @@ def test_only_one_token_steps_take_the_kernel_and_the_correction_sees_the_differ
     settings = dict(group_size=group, max_new_tokens=steps, temperature=1.0)
     exact = generate_rollouts(model, _NoEos(tokenizer), prompts, RolloutConfig(**settings), seed=1)
     emulated.clear()
-    fast = generate_rollouts(
-        model, _NoEos(tokenizer), prompts, RolloutConfig(fast_kernels=True, **settings), seed=1
-    )
+    # Not compiled: a compiled step would call the emulation once per trace, not per step.
+    cfg = RolloutConfig(fast_kernels=True, fused_compile=False, **settings)
+    fast = generate_rollouts(model, _NoEos(tokenizer), prompts, cfg, seed=1)
     assert fast.engine == "fused"
     # The emulation counted (K, N) of qkv, o, gate_up, down and the head, decode steps only.
     blocks, decodes = len(model.layers), steps - 1
