@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from stages.entropy import token_entropy
+from stages.grad_checkpoint import wrapped_calls
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -272,7 +273,7 @@ class TiedInputGradient:
     With tied embeddings one (V, D) matrix is both the input lookup and the head. Left to
     autograd, the lookup's gradient is a scatter into a new zero (V, D) array, summed with the
     head's into a third: two extra matrices at the peak (1.2 GB for Qwen3-0.6B in float32).
-    Within `recording(model)` the lookup's weight gradient is a broadcast zero (nothing is
+    Within `recording()` the lookup's weight gradient is a broadcast zero (nothing is
     allocated; the sum reuses the head gradient's buffer) and its cotangent rows are kept;
     `fold(grads)` then scatter-adds them into the weight's gradient, which is written over.
     A model whose head is not a trainable tied matrix is left alone."""
@@ -286,9 +287,33 @@ class TiedInputGradient:
         self.embed = embed
         self.recorded: list[tuple[mx.array, mx.array]] = []
 
-    def recording(self):
-        """Context manager: the embedding lookups inside it are recorded (see the class)."""
-        return _Recording(self)
+    @contextmanager
+    def recording(self) -> Iterator[TiedInputGradient]:
+        """Within the block, the embedding's lookups are recorded (see the class)."""
+        if not self.active:
+            yield self
+            return
+        embed, recorded = self.embed, self.recorded
+
+        @mx.custom_function
+        def lookup(weight, ids):
+            return weight[ids]
+
+        @lookup.vjp
+        def lookup_back(primals, cotangent, output):
+            weight, ids = primals
+            recorded.append((ids, cotangent))
+            zero = mx.broadcast_to(mx.array(0, dtype=cotangent.dtype), weight.shape)
+            return zero, mx.zeros_like(ids)
+
+        def wrap(call):
+            def recorded_call(module, x):
+                return lookup(module.weight, x) if module is embed else call(module, x)
+
+            return recorded_call
+
+        with wrapped_calls({type(embed)}, wrap):
+            yield self
 
     def fold(self, grads: dict) -> dict:
         """`grads` (a gradient tree of the model) with the recorded rows added into the
@@ -300,44 +325,8 @@ class TiedInputGradient:
         for ids, rows in self.recorded:
             weight = weight.at[ids.reshape(-1)].add(rows.reshape(-1, rows.shape[-1]))
         node["weight"] = weight
-        self.recorded = []
+        self.recorded.clear()
         return grads
-
-
-class _Recording:
-    def __init__(self, owner: TiedInputGradient):
-        self.owner = owner
-
-    def __enter__(self):
-        owner = self.owner
-        if not owner.active:
-            return owner
-        embed = owner.embed
-
-        @mx.custom_function
-        def lookup(weight, ids):
-            return weight[ids]
-
-        @lookup.vjp
-        def lookup_back(primals, cotangent, output):
-            weight, ids = primals
-            owner.recorded.append((ids, cotangent))
-            return mx.broadcast_to(mx.array(0, dtype=cotangent.dtype), weight.shape), mx.zeros_like(
-                ids
-            )
-
-        class Recorded(type(embed)):
-            def __call__(self, x):
-                return lookup(self.weight, x) if self is embed else super().__call__(x)
-
-        self.original = type(embed)
-        embed.__class__ = Recorded
-        return owner
-
-    def __exit__(self, *exc):
-        if self.owner.active:
-            self.owner.embed.__class__ = self.original
-        return False
 
 
 @mx.compile
