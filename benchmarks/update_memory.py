@@ -11,6 +11,8 @@ timed update (stages.grpo_update.update_step, AdamW, dapo loss) on a synthetic r
 `--rows` rows of `--prompt-len` prompt tokens + the rest completion. Peak memory is
 mx.get_peak_memory() over the timed step (weights, optimizer state and activations); tokens/s
 counts prompt + completion tokens. LoRA: rank 8 on every linear layer of every block.
+`--phases` also prints the peak of each phase of the step (the forward and head, the backward,
+the parameters' and the moments' update): where the peak memory goes.
 Needs only mlx, mlx-lm and numpy.
 """
 
@@ -87,11 +89,12 @@ def run_variant(args, use_lora: bool, checkpointing: bool | str) -> dict:
     mx.synchronize()
     resident = mx.get_active_memory()
     mx.reset_peak_memory()
+    _PHASE_PEAKS.clear()
     start = time.perf_counter()
     grpo_update.update_step(model, optimizer, batch, advantages, cfg)
     mx.synchronize()
     seconds = time.perf_counter() - start
-    peak = mx.get_peak_memory()
+    peak = max([mx.get_peak_memory(), *_PHASE_PEAKS])  # --phases resets the peak per phase
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     del model, optimizer
     gc.collect()
@@ -103,6 +106,29 @@ def run_variant(args, use_lora: bool, checkpointing: bool | str) -> dict:
         "seconds": seconds,
         "trainable_m": trainable / 1e6,
     }
+
+
+_PHASE_PEAKS: list[int] = []
+
+
+def _phase(name: str, fn):
+    """fn, printing the active memory before and after it and the peak during it (GB)."""
+
+    def timed(*args, **kwargs):
+        mx.synchronize()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        out = fn(*args, **kwargs)
+        mx.synchronize()
+        _PHASE_PEAKS.append(mx.get_peak_memory())
+        print(
+            f"  {name}: before {before / 1e9:.2f} peak {mx.get_peak_memory() / 1e9:.2f} "
+            f"after {mx.get_active_memory() / 1e9:.2f}",
+            flush=True,
+        )
+        return out
+
+    return timed
 
 
 def main() -> None:
@@ -126,8 +152,17 @@ def main() -> None:
         action="store_true",
         help="MLX's AdamW uncompiled (the comparison for grpo_update.FusedAdamW)",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also print each phase's peak: the forward and head (StagedEval.run), the "
+        "backward, the parameters' and the moments' update (grpo_update.eval_by_block)",
+    )
     args = parser.parse_args()
     StagedEval.in_flight = args.in_flight
+    if args.phases:
+        StagedEval.run = _phase("forward + head", StagedEval.run)
+        grpo_update.eval_by_block = _phase("eval_by_block", grpo_update.eval_by_block)
     if not 1 <= args.prompt_len < args.seq_len:
         parser.error("--prompt-len must be in [1, --seq-len)")
     print(
