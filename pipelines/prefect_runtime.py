@@ -22,13 +22,14 @@ def start_prefect_server_outside_ctrl_c() -> None:
     under the stopping run, which then could not record its final state. Prefect starts the
     server with a plain Popen, so for that one call its module sees a Popen with
     process_group=0; the server is still stopped at exit by Prefect's own atexit hook."""
-    from prefect.server.api import server as server_module
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():
-        return
+        return  # a server is configured: its module (about 2.7 s to import) is not needed
     if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
+    from prefect.server.api import server as server_module
+
     server = server_module.SubprocessASGIServer()
     if server.running:
         return

@@ -387,8 +387,10 @@ def test_tools_run_logs_tool_metrics_and_conversations(tmp_path, tools_path):
 
 
 def test_tools_quickstart_learns(tmp_path, tools_path):
-    """The tools quickstart's bar: default run and seed, last-10 mean reward >= first-10 + 0.3."""
-    result = run_grpo(tmp_path, "+experiment=tools_quickstart", timeout=900)
+    """The tools quickstart's bar, default seed: last-10 mean reward >= first-10 + 0.3, over the
+    first half of the default run (50 of 100 steps: 0.141 -> 0.689 on the 2-core CPU; the whole
+    run, 0.141 -> 0.886, is in benchmarks/RESULTS.md). Half the run keeps the suite's time."""
+    result = run_grpo(tmp_path, "+experiment=tools_quickstart", "train.steps=50", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     from stages import checkpoint
 
