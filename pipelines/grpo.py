@@ -346,8 +346,8 @@ def train(config: dict, world: distributed.World | None = None) -> dict:
         for name, record in (("first", evals[:1]), ("last", evals[-1:])):
             for key, value in (record[0] if record else {}).items():
                 summary[f"eval_{name}_{key}"] = value  # eval_first_step, eval_last_accuracy, ...
-        if final is not None:
-            tracker.log_artifacts(final, "checkpoint")
+        if final is not None:  # the model; its optimizer state stays in output_dir for resuming
+            tracker.log_artifacts(final, "checkpoint", exclude=(checkpoint.OPTIMIZER_FILE,))
         tracker.set_tags({f"summary.{k}": v for k, v in summary.items() if v is not None})
         report.publish_summary(summary, history, tracker, cfg.run.name)
         status = "FINISHED"

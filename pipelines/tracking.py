@@ -202,10 +202,16 @@ class Tracker:
     def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
         self._submit({"kind": "table", "data": columns, "artifact_file": artifact_file})
 
-    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._submit(
-            {"kind": "artifacts", "local": str(Path(local_dir).resolve()), "path": artifact_path}
-        )
+    def log_artifacts(
+        self, local_dir: str | Path, artifact_path: str | None = None, exclude: tuple = ()
+    ) -> None:
+        """Every file under `local_dir` but the top-level files named in `exclude`."""
+        record = {
+            "kind": "artifacts",
+            "local": str(Path(local_dir).resolve()),
+            "path": artifact_path,
+        }
+        self._submit(record | ({"exclude": sorted(exclude)} if exclude else {}))
 
     def log_artifact(self, local_file: str | Path, artifact_path: str | None = None) -> None:
         self._submit(
@@ -283,8 +289,17 @@ def _send(client, record: dict) -> None:
             print(f"warning: {local} no longer exists; not logged to MLflow", file=sys.stderr)
         elif kind == "artifact":
             client.log_artifact(run_id, str(local), record["path"])
-        else:
+        elif not record.get("exclude"):
             client.log_artifacts(run_id, str(local), record["path"])
+        else:
+            for entry in sorted(local.iterdir()):
+                if entry.name in record["exclude"]:
+                    continue
+                if entry.is_dir():
+                    inner = f"{record['path']}/{entry.name}" if record["path"] else entry.name
+                    client.log_artifacts(run_id, str(entry), inner)
+                else:
+                    client.log_artifact(run_id, str(entry), record["path"])
     elif kind == "terminate":
         client.set_terminated(run_id, status=record["status"])
     else:

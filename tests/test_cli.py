@@ -75,6 +75,10 @@ def test_quickstart_end_to_end_logs_to_mlflow_and_checkpoints(tmp_path, monkeypa
     assert sorted(m.step for m in history) == [0, 1, 2, 3]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint", "plots", "completions"} <= artifacts
+    # The final model, not its optimizer state (twice the weights; resuming reads output_dir).
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "trainer_state.json"} <= logged
+    assert "optimizer.safetensors" not in logged
 
     from stages import checkpoint
     from stages.load_weights import load

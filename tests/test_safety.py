@@ -286,12 +286,22 @@ def test_spool_left_at_the_end_is_sent_by_flush(tmp_path, capsys):
     store = tracker.client
     tracker.client = MlflowClient("http://127.0.0.1:9")
     tracker.log_metrics({"loss": 1.5}, 0)
+    folder = tmp_path / "step-00000001"  # a checkpoint: its optimizer state is not logged
+    (folder / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.safetensors", "sub/notes.txt"):
+        (folder / name).write_text(name)
+    tracker.log_artifacts(folder, "checkpoint", exclude=("optimizer.safetensors",))
     tracker.finish("FINISHED")
     assert "python -m pipelines.tracking flush" in capsys.readouterr().err
     assert store.get_run(tracker.run_id).info.status == "RUNNING"
-    assert flush_spool(spool, uri) == 2
+    assert flush_spool(spool, uri) == 3
     assert store.get_run(tracker.run_id).info.status == "FINISHED"
     assert [m.value for m in store.get_metric_history(tracker.run_id, "loss")] == [1.5]
+    logged = {a.path for a in store.list_artifacts(tracker.run_id, "checkpoint")}
+    assert logged == {"checkpoint/model.safetensors", "checkpoint/sub"}
+    assert [a.path for a in store.list_artifacts(tracker.run_id, "checkpoint/sub")] == [
+        "checkpoint/sub/notes.txt"
+    ]
 
 
 def test_spool_left_by_a_crashed_run_is_sent_by_the_resumed_run(tmp_path, capsys):
