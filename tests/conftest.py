@@ -2,7 +2,7 @@
 session into a temporary cache; Prefect and MLflow state also live in temporary folders.
 
 The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml), each its
-own session: its own cache, Prefect home and Prefect server. The hook at the end orders the tests
+own session with its own Prefect home and Prefect server; the cache of built models is shared. The hook at the end orders the tests
 longest first and keeps together on one worker the tests that share an expensive fixture."""
 
 import os
@@ -10,11 +10,15 @@ import tempfile
 from pathlib import Path
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="grpo-tests-"))
-# A cache of this session's own unless MLX_GRPO_CACHE names one. xdist's workers inherit the
-# controller's environment, so the user's choice is passed on under its own name: each worker
-# then builds into its own cache, and no test sees another worker's build half-done.
-_USER_CACHE = os.environ.setdefault("GRPO_TESTS_USER_CACHE", os.environ.get("MLX_GRPO_CACHE", ""))
-os.environ["MLX_GRPO_CACHE"] = _USER_CACHE or str(_SESSION_DIR / "cache")
+# A cache of the test run's own unless MLX_GRPO_CACHE names one, shared by xdist's workers (they
+# inherit the controller's environment, where it is set first): a model one worker built or
+# converted is not built again by the other. Builds are written beside the cache entry and
+# renamed into place, so no worker reads another's half-done build (two building at once both
+# finish; the first rename wins).
+os.environ.setdefault(
+    "GRPO_TESTS_CACHE", os.environ.get("MLX_GRPO_CACHE") or str(_SESSION_DIR / "cache")
+)
+os.environ["MLX_GRPO_CACHE"] = os.environ["GRPO_TESTS_CACHE"]
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)

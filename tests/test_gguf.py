@@ -225,7 +225,7 @@ def test_gguf_path_passes_preflight_and_converts_once(smollm2, tmp_path):
     assert resolve_path(renamed) == converted
     assert time.perf_counter() - start < 5  # hashed, not converted again
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
-    assert not [p for p in cache_root().iterdir() if ".tmp-" in p.name]
+    assert not [p for p in cache_root().iterdir() if p.name.startswith(f".{converted.name}.tmp-")]
 
 
 @pytest.mark.slow
