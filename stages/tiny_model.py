@@ -4,7 +4,9 @@ Nothing is downloaded. `build(path)` writes config.json, model.safetensors (mlx-
 tensor names), a character-level tokenizer built with the `tokenizers` library and saved through
 transformers (tokenizer.json + tokenizer_config.json with a chat template), and
 generation_config.json. `stages.load_weights.load("builtin:tiny_qwen3")` builds it once into the
-cache and then loads it through the same mlx-lm path as any downloaded checkpoint.
+cache and then loads it through the same mlx-lm path as any downloaded checkpoint. The tools
+model, whose warm-up takes about 2 minutes, ships built in `builtin_models/` (`ship`) and is
+copied into the cache instead, while its recipe is the one it was built from.
 
 Random weights learn the quickstart task too slowly by pure RL (the right first token is rare),
 so the build ends with a short supervised *format* warm-up: 40 Adam steps on
@@ -312,23 +314,80 @@ def build(path: str | Path, name: str = "tiny_qwen3", seed: int = 0) -> Path:
     return path
 
 
-def builtin_path(name: str) -> Path:
-    """The cached build of built-in model `name`, building it on first use (a few seconds)."""
-    if name not in BUILTINS:
-        raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
+# Built-ins that ship built, in this package (`ship`): the tools model's warm-up takes about 2
+# minutes on 2 cores, its 0.4 MB of weights none. Each folder's recipe.json names the recipe digest
+# it was built from; a changed recipe (another digest) is built again on first use instead.
+SHIPPED = Path(__file__).resolve().parent / "builtin_models"
+SHIPPED_NAMES = ("tiny_qwen3_tools",)
+RECIPE_FILE = "recipe.json"
+
+
+def recipe_digest(name: str) -> str:
+    """A digest of everything that decides the build of built-in model `name` (its cache key)."""
     key = json.dumps([BUILD_VERSION, BUILTINS[name], CHARACTERS, WARMUP_STEPS], sort_keys=True)
     if name == "tiny_qwen3_tools":
         parts = [TOOLS_BUILD_VERSION, BUILTINS[name], TOOL_CHARACTERS, TOOL_TOKENS]
         key = json.dumps([*parts, TOOLS_CHAT_TEMPLATE, TOOLS_WARMUP], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def shipped_digest(name: str) -> str | None:
+    """The recipe digest of the shipped build of `name`; None if none ships."""
+    recipe = SHIPPED / name / RECIPE_FILE
+    return json.loads(recipe.read_text())["digest"] if recipe.is_file() else None
+
+
+def builtin_path(name: str) -> Path:
+    """The cached build of built-in model `name`: on first use copied from the shipped build
+    when one ships for this recipe, else built (a few seconds; the tools model about 2 minutes)."""
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
+    digest = recipe_digest(name)
     target = cache_root() / f"{name}-{digest}"
     if (target / "config.json").exists():
         return target
-    # Build beside the target and rename, so a crash never leaves a half-built model behind.
+    # Made beside the target and renamed, so a crash never leaves a half-built model behind.
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    build(staging, name)
+    if shipped_digest(name) == digest:
+        shutil.copytree(SHIPPED / name, staging, ignore=shutil.ignore_patterns(RECIPE_FILE))
+    else:
+        build(staging, name)
     try:
         staging.rename(target)
     except OSError:  # another process finished first; use its build
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ship(name: str) -> Path:
+    """Build `name` into this package's shipped folder, with its recipe digest (run after
+    changing a shipped built-in's recipe; tests/test_load_weights.py fails until then)."""
+    if name not in SHIPPED_NAMES:
+        raise ValueError(f"{name!r} does not ship built; shipped: {', '.join(SHIPPED_NAMES)}")
+    target = SHIPPED / name
+    staging = target.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    build(staging, name)
+    recipe = {"name": name, "digest": recipe_digest(name)}
+    (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.tiny_model",
+        description="Build a shipped built-in model into the package (after its recipe changed).",
+    )
+    parser.add_argument("command", choices=["ship"])
+    parser.add_argument("name", choices=SHIPPED_NAMES)
+    args = parser.parse_args(argv)
+    print(ship(args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

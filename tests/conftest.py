@@ -2,8 +2,9 @@
 session into a temporary cache; Prefect and MLflow state also live in temporary folders.
 
 The suite runs on two pytest-xdist workers (`-n 2 --dist loadgroup`, pyproject.toml), each its
-own session with its own Prefect home and Prefect server; the cache of built models is shared. The hook at the end orders the tests
-longest first and keeps together on one worker the tests that share an expensive fixture."""
+own session with its own Prefect home and Prefect server; the cache of built models is shared.
+The hook at the end orders the tests longest first and keeps together on one worker the tests
+that share an expensive fixture."""
 
 import os
 import tempfile
@@ -39,8 +40,8 @@ def tiny_path() -> Path:
 
 @pytest.fixture(scope="session")
 def tools_path() -> Path:
-    """The built-in tools model (600 warm-up steps: about 2 minutes on 2 cores), built once in
-    the session's cache. Tests that ask for it run on one worker (see the hook below)."""
+    """The built-in tools model, copied into the run's cache from the build that ships in
+    stages/builtin_models (its 600 warm-up steps take about 2 minutes on 2 cores)."""
     from stages.load_weights import resolve_path
 
     return resolve_path("builtin:tiny_qwen3_tools")
@@ -81,13 +82,10 @@ LONGEST_FIRST = ("test_real_model.py", "test_scale.py", "test_cli.py", "test_ops
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Order the tests longest first and group, for `--dist loadgroup`: the tests that need the
-    tools model (`tools_path`) run on one worker, so it is built once, and so do the tests of a
-    module that share a module-scoped fixture (a reference run, a server, a loaded model)."""
+    """Order the tests longest first and group, for `--dist loadgroup`: the tests of a module
+    that share a module-scoped fixture (a reference run, a server, a loaded model) run on one
+    worker, so it is made once."""
     for item in items:
-        if "tools_path" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("tools_model"))
-            continue
         definitions = getattr(item, "_fixtureinfo", None)
         scopes = definitions.name2fixturedefs.values() if definitions else []
         if any(defs[-1].scope == "module" for defs in scopes):
@@ -95,7 +93,6 @@ def pytest_collection_modifyitems(config, items):
 
     def rank(item):
         name = item.path.name
-        order = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-        return ("tools_path" not in item.fixturenames, order)
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each module keeps its own order

@@ -21,6 +21,55 @@ def test_builtin_loads_as_hf_directory(tiny_path):
     assert dtypes == {mx.float32}  # CPU default
 
 
+def test_the_shipped_tools_model_is_built_from_the_current_recipe():
+    from stages import tiny_model
+
+    assert tiny_model.shipped_digest("tiny_qwen3_tools") == tiny_model.recipe_digest(
+        "tiny_qwen3_tools"
+    ), "the tools model's recipe changed: python -m stages.tiny_model ship tiny_qwen3_tools"
+
+
+def test_builtin_tools_model_is_copied_from_the_shipped_build(tmp_path, monkeypatch):
+    from stages import tiny_model
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built, though a build for this recipe ships")
+
+    monkeypatch.setenv("MLX_GRPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_model, "build", no_build)
+    path = tiny_model.builtin_path("tiny_qwen3_tools")
+    assert path.parent == tmp_path and path.name.endswith(
+        tiny_model.recipe_digest("tiny_qwen3_tools")
+    )
+    shipped = tiny_model.SHIPPED / "tiny_qwen3_tools"
+    assert (path / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    assert not (path / tiny_model.RECIPE_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no staging folder left
+    model, tokenizer = load("builtin:tiny_qwen3_tools")
+    assert "<tool_call>" in tokenizer.apply_chat_template(
+        [{"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+        ]}],
+        tokenize=False,
+    )  # fmt: skip
+
+
+def test_a_changed_tools_recipe_is_built_not_copied(tmp_path, monkeypatch):
+    from stages import tiny_model
+
+    monkeypatch.setenv("MLX_GRPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_model, "TOOLS_WARMUP", {**tiny_model.TOOLS_WARMUP, "steps": 2})
+    assert tiny_model.recipe_digest("tiny_qwen3_tools") != tiny_model.shipped_digest(
+        "tiny_qwen3_tools"
+    )
+    path = tiny_model.builtin_path("tiny_qwen3_tools")
+    shipped = tiny_model.SHIPPED / "tiny_qwen3_tools"
+    assert (path / "model.safetensors").read_bytes() != (shipped / "model.safetensors").read_bytes()
+    assert (path / "tokenizer.json").read_bytes() == (shipped / "tokenizer.json").read_bytes()
+    model, _ = load(path)
+    assert model.args.vocab_size == 128
+
+
 def test_dtype_override(tiny_path):
     model, _ = load(tiny_path, dtype="bfloat16")
     assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.bfloat16}
