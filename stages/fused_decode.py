@@ -17,9 +17,10 @@ costs. This engine computes exactly what mlx-lm's model computes on its batch KV
 - optionally `mx.compile` on the one-token steps of a block (`COMPILE`), with the weights as
   inputs, so a refresh or a new rollout reuses the traces.
 
-With `fast=True` (rollout.fast_kernels, CUDA) the one-token matmuls and the head go through
-`stages.fast_kernels` instead: not bit-equal to this (another summation order), hence the
-update's importance-sampling correction.
+With `fast=True` (rollout.fast_kernels, CUDA) the one-token steps go through
+`stages.fast_kernels` instead: the matmuls and the head, and the queries, keys and values from
+the fused projection (Qwen3's per-head norms and RoPE) in one kernel. Not bit-equal to this
+(other summation orders), hence the update's importance-sampling correction.
 
 Everything else is mlx-lm's own code, called as modules: embeddings, RoPE, the MoE block, LoRA
 adapters (each adapter's update is added to its slice of the fused output as
@@ -155,6 +156,13 @@ class _BlockSpec:
         if hasattr(attn, "q_norm"):
             norms |= {"q_norm": attn.q_norm, "k_norm": attn.k_norm}
         self.eps = {name: norm.eps for name, norm in norms.items()}
+        # One-token queries, keys and values in one kernel (fast_kernels.qkv_heads).
+        self.fast_heads = (
+            fast
+            and layout["qkv"][0] is None
+            and fast_kernels.heads_supported(self.head_dim, self.rope)
+            and self.eps.get("q_norm") == self.eps.get("k_norm")
+        )
         self.compiled_pre = mx.compile(self.pre)
         self.compiled_post = mx.compile(self.post)
 
@@ -182,7 +190,18 @@ class _BlockSpec:
     def _linear(self, name: str, x: mx.array, weights: dict, modules: dict) -> list[mx.array]:
         """The group `name` on x (..., in): one matmul as nn.Linear or nn.QuantizedLinear computes
         it, split, each adapter's update added to its slice as LoRALinear adds it."""
-        quantization, splits, arrays = self.layout[name]
+        _, splits, _ = self.layout[name]
+        y = self._project(name, x, weights)
+        parts = mx.split(y, list(splits), axis=-1) if splits else [y]
+        for i, lora in enumerate(modules.get(name, ())):
+            if lora is not None:
+                z = (lora.dropout(x) @ lora.lora_a) @ lora.lora_b
+                parts[i] = parts[i] + (lora.scale * z).astype(x.dtype)
+        return parts
+
+    def _project(self, name: str, x: mx.array, weights: dict) -> mx.array:
+        """The group `name`'s one matmul (and bias) on x (..., in), unsplit."""
+        quantization, _, _ = self.layout[name]
         weight, bias = weights[name + ".weight"], weights.get(name + ".bias")
         if quantization is None and self.fast and x.shape[-2] == 1:
             w = weight.T  # (out, in), row-major again
@@ -203,12 +222,7 @@ class _BlockSpec:
                 mode=mode,
             )
             y = y if bias is None else y + bias
-        parts = mx.split(y, list(splits), axis=-1) if splits else [y]
-        for i, lora in enumerate(modules.get(name, ())):
-            if lora is not None:
-                z = (lora.dropout(x) @ lora.lora_a) @ lora.lora_b
-                parts[i] = parts[i] + (lora.scale * z).astype(x.dtype)
-        return parts
+        return y
 
     def _norm(self, name: str, x: mx.array, weights: dict) -> mx.array:
         return mx.fast.rms_norm(x, weights[name], self.eps[name])
@@ -220,6 +234,17 @@ class _BlockSpec:
         `offsets` (B,)."""
         B, L, _ = h.shape
         x = self._norm("input_norm", h, weights)
+        if self.fast_heads and L == 1 and not (modules or {}).get("qkv"):
+            norms = (weights["q_norm"], weights["k_norm"]) if "q_norm" in self.eps else None
+            return fast_kernels.qkv_heads(
+                self._project("qkv", x, weights).reshape(B, -1),
+                offsets,
+                self.n_heads,
+                self.n_kv_heads,
+                self.rope,
+                norms,
+                self.eps.get("q_norm", 0.0),
+            )
         queries, keys, values = self._linear("qkv", x, weights, modules or {})
         queries = queries.reshape(B, L, self.n_heads, -1)
         keys = keys.reshape(B, L, self.n_kv_heads, -1)
@@ -237,7 +262,10 @@ class _BlockSpec:
         """The rest of the block: h (B, L, D), attention output (B, H, L, hd) -> (B, L, D)."""
         B, L, _ = h.shape
         modules = modules or {}
-        attention = attention.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        if L == 1:  # (B, H, 1, hd) is already (B, 1, H * hd) in memory: no transpose copy
+            attention = attention.reshape(B, L, -1)
+        else:
+            attention = attention.transpose(0, 2, 1, 3).reshape(B, L, -1)
         h = h + self._linear("o", attention, weights, modules)[0]
         x = self._norm("post_norm", h, weights)
         if "moe" in modules:

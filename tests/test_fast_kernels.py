@@ -28,8 +28,9 @@ PROMPTS = ["1+2=", "3+4=", "2+2=7+1=", "0+", "4+4=hello 1+1="]
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """fast_kernels as if present (on any machine), its matmul x @ w.T rounded through float16
-    (another rounding than the trainer's float32), counting the calls by (inputs, outputs)."""
+    """fast_kernels as if present (on any machine): its matmul x @ w.T rounded through float16
+    (another rounding than the trainer's float32), counting the calls by (inputs, outputs); its
+    qkv_heads is `qkv_heads_reference` (MLX's operations)."""
     calls = []
 
     def matmul(x, w):
@@ -39,6 +40,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(fast_kernels, "unavailable", lambda: None)
     monkeypatch.setattr(fast_kernels, "supports", lambda x, w: x.shape[-1] == w.shape[1])
     monkeypatch.setattr(fast_kernels, "matmul", matmul)
+    monkeypatch.setattr(fast_kernels, "qkv_heads", fast_kernels.qkv_heads_reference)
     return calls
 
 
@@ -165,8 +167,41 @@ def test_kernel_equals_a_float32_matmul_within_half_precision(k, n, rows, dtype)
     ours = mx.abs(got.astype(mx.float32) - reference).max().item() / scale
     theirs = mx.abs(blas - reference).max().item() / scale
     assert ours <= 2 * max(theirs, 2.0**-8), (ours, theirs)
-    # Three dimensions (B, 1, K), as the engine calls it.
+    # Three dimensions (B, 1, K), as the engine calls it; and the same bits on a second call
+    # (the split's partial sums are added in a fixed order).
     assert mx.array_equal(fast_kernels.matmul(x[:, None], w)[:, 0], got)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,norm,traditional",
+    [(16, 8, 128, True, False), (9, 3, 64, False, False), (4, 4, 128, True, True)],
+    ids=["qwen3", "llama", "traditional"],
+)
+def test_qkv_heads_equal_mlx_operations_within_one_rounding(
+    heads, kv_heads, head_dim, norm, traditional, dtype
+):
+    import mlx.nn as nn
+
+    rows = 37
+    mx.random.seed(heads + head_dim)
+    qkv = (3 * mx.random.normal((rows, (heads + 2 * kv_heads) * head_dim))).astype(dtype)
+    offsets = mx.arange(0, 5 * rows, 5, dtype=mx.int32)
+    rope = nn.RoPE(head_dim, traditional=traditional, base=1e6 if norm else 1e4)
+    norms = None
+    if norm:
+        norms = tuple((1 + 0.1 * mx.random.normal((head_dim,))).astype(dtype) for _ in "qk")
+    args = (qkv, offsets, heads, kv_heads, rope, norms, 1e-6)
+    got = fast_kernels.qkv_heads(*args)
+    want = fast_kernels.qkv_heads_reference(*args)
+    eps = 2.0**-7 if dtype == mx.bfloat16 else 2.0**-10
+    for ours, theirs in zip(got, want):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        gap = mx.abs(ours.astype(mx.float32) - theirs.astype(mx.float32)).max().item()
+        assert gap <= 2 * eps * mx.abs(theirs.astype(mx.float32)).max().item()
+        assert (ours == theirs).mean().item() > 0.5
+    assert mx.array_equal(got[2], want[2])  # the values are only laid out
 
 
 @needs_cuda
