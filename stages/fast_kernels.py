@@ -24,6 +24,7 @@ every other one.
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 ROWS = 64  # rows of x per block (grid.z runs over row blocks)
@@ -323,8 +324,6 @@ def _float_literal(value: float) -> str:
 def heads_supported(head_dim: int, rope) -> bool:
     """Whether `qkv_heads` computes this attention's RoPE: MLX's plain `nn.RoPE` over the whole
     head (head_dim a multiple of 64)."""
-    import mlx.nn as nn
-
     return type(rope) is nn.RoPE and rope.dims == head_dim and head_dim % 64 == 0
 
 

@@ -262,10 +262,7 @@ class _BlockSpec:
         """The rest of the block: h (B, L, D), attention output (B, H, L, hd) -> (B, L, D)."""
         B, L, _ = h.shape
         modules = modules or {}
-        if L == 1:  # (B, H, 1, hd) is already (B, 1, H * hd) in memory: no transpose copy
-            attention = attention.reshape(B, L, -1)
-        else:
-            attention = attention.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        attention = attention.transpose(0, 2, 1, 3).reshape(B, L, -1)
         h = h + self._linear("o", attention, weights, modules)[0]
         x = self._norm("post_norm", h, weights)
         if "moe" in modules:
