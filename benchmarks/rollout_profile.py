@@ -2,7 +2,7 @@
 weights and work.
 
     python benchmarks/rollout_profile.py [--shape small|0.6b] [--engines fused,fused+fast,mlx_lm]
-        [--fused-compile auto|on|off] [--runs 2]
+        [--fused-compile auto|on|off] [--runs 2] [--cuda-kernels]
 
 For each engine (`stages.rollout.make_engine`: fused, mlx_lm, and fused+fast: the fused engine
 with rollout.fast_kernels, CUDA only, in the default list there) it prints, side by side:
@@ -79,6 +79,12 @@ def main() -> None:
     )
     parser.add_argument("--fused-compile", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per variant (best kept)")
+    parser.add_argument(
+        "--cuda-kernels",
+        action="store_true",
+        help="also, per engine, the GPU time of each kernel of a decode step (the decode floor "
+        "under torch.profiler: CUDA's own records of MLX's kernels; needs torch)",
+    )
     args = parser.parse_args()
     fused_decode.COMPILE = {"auto": None, "on": True, "off": False}[args.fused_compile]
     shape = args.shape or ("0.6b" if mx.default_device() != mx.cpu else "small")
@@ -122,6 +128,8 @@ def main() -> None:
             "floor + our sampler": lambda loop=loop: loop(ours),
             "floor + mx.random.categorical": lambda loop=loop: loop(categorical),
         }
+        if args.cuda_kernels:
+            kernel_table(engine_name, lambda loop=loop: loop(argmax), args.new_tokens)
         for name, run in systems.items():
             run()  # warm-up
             timings = [run() for _ in range(args.runs)]
@@ -143,6 +151,47 @@ def main() -> None:
                 f"ms/step{host}",
                 flush=True,
             )
+
+
+def kernel_table(engine_name: str, run, steps: int, rows: int = 14) -> None:
+    """Print the GPU time per decode step of the kernels `run()` launches (one rollout's decode
+    floor, after a warm-up), by kernel name, largest first; and the GPU's busy time per step.
+    CUDA's records come through torch.profiler (CUPTI), which sees every kernel of the process;
+    the prefill's kernels are in the sums too (a few percent of a 256-step rollout)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()  # warm-up: traces and kernels built
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    times: dict[str, list[float]] = {}
+    spans = []
+    for event in prof.events():
+        if event.device_type.name != "CUDA" or event.time_range.elapsed_us() <= 0:
+            continue
+        name = event.name if len(event.name) < 60 else event.name[:57] + "..."
+        times.setdefault(name, []).append(event.time_range.elapsed_us())
+        spans.append((event.time_range.start, event.time_range.end))
+    spans.sort()
+    busy, end = 0.0, float("-inf")  # the union of the kernels' spans (they may overlap)
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    total = sum(sum(t) for t in times.values())
+    print(f"{engine_name}: GPU kernels of one decode floor, per step ({steps} steps):")
+    print(f"  {'kernel':<62}{'calls':>7}{'us each':>9}{'us/step':>9}{'share':>7}")
+    for name, t in sorted(times.items(), key=lambda item: -sum(item[1]))[:rows]:
+        per_step = sum(t) / steps
+        print(
+            f"  {name:<62}{len(t) / steps:>7.1f}{sum(t) / len(t):>9.1f}{per_step:>9.1f}"
+            f"{100 * sum(t) / total:>6.1f}%"
+        )
+    print(
+        f"  all: {sum(len(t) for t in times.values()) / steps:.0f} kernels, "
+        f"{total / steps / 1000:.2f} ms/step of kernel time, GPU busy {busy / steps / 1000:.2f} "
+        "ms/step",
+        flush=True,
+    )
 
 
 def _time_rollout(model, prompts, cfg) -> tuple[float, float, float, float]:

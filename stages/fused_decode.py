@@ -18,9 +18,11 @@ costs. This engine computes exactly what mlx-lm's model computes on its batch KV
   inputs, so a refresh or a new rollout reuses the traces.
 
 With `fast=True` (rollout.fast_kernels, CUDA) the one-token steps go through
-`stages.fast_kernels` instead: the matmuls and the head, and the queries, keys and values from
-the fused projection (Qwen3's per-head norms and RoPE) in one kernel. Not bit-equal to this
-(other summation orders), hence the update's importance-sampling correction.
+`stages.fast_kernels` instead: the matmuls and the head (the residual adds and the MLP's
+silu(gate) * up in their epilogues, the gate|up weight kept interleaved for it), the queries,
+keys and values from the fused projection (Qwen3's per-head norms and RoPE) written straight
+into the cache, and the attention over it. Not bit-equal to this (other summation orders), hence
+the update's importance-sampling correction.
 
 Everything else is mlx-lm's own code, called as modules: embeddings, RoPE, the MoE block, LoRA
 adapters (each adapter's update is added to its slice of the fused output as
@@ -163,8 +165,19 @@ class _BlockSpec:
             and fast_kernels.heads_supported(self.head_dim, self.rope)
             and self.eps.get("q_norm") == self.eps.get("k_norm")
         )
+        self.interleaved = self.interleaves(layout, fast)
         self.compiled_pre = mx.compile(self.pre)
         self.compiled_post = mx.compile(self.post)
+
+    @staticmethod
+    def interleaves(layout: dict[str, tuple], fast: bool) -> bool:
+        """Whether the block's gate|up weight is kept interleaved by eights for the fast
+        kernel's silu(gate) * up epilogue (`fast_kernels.interleave`): fast mode, an unquantized
+        gate|up group without bias, its size a multiple of 8."""
+        if not fast or "gate_up" not in layout:
+            return False
+        quantization, splits, arrays = layout["gate_up"]
+        return quantization is None and "bias" not in arrays and splits[0] % 8 == 0
 
     @staticmethod
     def key(layer: nn.Module, layout: dict[str, tuple], fast: bool = False) -> tuple:
@@ -200,12 +213,14 @@ class _BlockSpec:
         return parts
 
     def _project(self, name: str, x: mx.array, weights: dict) -> mx.array:
-        """The group `name`'s one matmul (and bias) on x (..., in), unsplit."""
+        """The group `name`'s one matmul (and bias) on x (..., in), unsplit; a gate|up group
+        whose weight is interleaved for the fast kernel's epilogue (`interleaved`) comes out
+        as gate | up all the same."""
         quantization, _, _ = self.layout[name]
         weight, bias = weights[name + ".weight"], weights.get(name + ".bias")
-        if quantization is None and self.fast and x.shape[-2] == 1:
-            w = weight.T  # (out, in), row-major again
-            y = fast_kernels.matmul(x, w) if fast_kernels.supports(x, w) else x @ weight
+        w = self._fast_weight(name, x, weights)
+        if w is not None:
+            y = fast_kernels.matmul(x, w)
             y = y if bias is None else y + bias
         elif quantization is None:
             y = x @ weight if bias is None else mx.addmm(bias, x, weight)
@@ -222,16 +237,39 @@ class _BlockSpec:
                 mode=mode,
             )
             y = y if bias is None else y + bias
+        if name == "gate_up" and self.interleaved:
+            y = mx.concatenate(fast_kernels.deinterleave(y), axis=-1)
         return y
+
+    def _fast_weight(
+        self, name: str, x: mx.array, weights: dict, modules: dict | None = None, **epilogue
+    ) -> mx.array | None:
+        """The (out, in) weight of group `name` if its matmul on x takes the fast kernel: fast
+        mode, one token, an unquantized weight the kernel supports, and, with an `epilogue`
+        (`residual=` or `swiglu=`), no bias or adapters to add in between."""
+        if not self.fast or x.shape[-2] != 1 or self.layout[name][0] is not None:
+            return None
+        if epilogue and (name + ".bias" in weights or (modules or {}).get(name)):
+            return None
+        w = weights[name + ".weight"].T  # (out, in), row-major again
+        supported = fast_kernels.supports(x, w, swiglu=epilogue.get("swiglu", False))
+        return w if supported else None
 
     def _norm(self, name: str, x: mx.array, weights: dict) -> mx.array:
         return mx.fast.rms_norm(x, weights[name], self.eps[name])
 
     def pre(
-        self, h: mx.array, offsets: mx.array, weights: dict, modules: dict | None = None
+        self,
+        h: mx.array,
+        offsets: mx.array,
+        weights: dict,
+        modules: dict | None = None,
+        cache: tuple | None = None,
     ) -> tuple[mx.array, mx.array, mx.array]:
         """Queries (B, H, L, hd), keys and values (B, Hkv, L, hd) of h (B, L, D), RoPE at
-        `offsets` (B,)."""
+        `offsets` (B,). With `cache` (keys, values, column; only where `_Block.writes_cache`),
+        the keys and values are written into the cache arrays at that column and the cache
+        arrays come back in their place (`fast_kernels.qkv_heads`)."""
         B, L, _ = h.shape
         x = self._norm("input_norm", h, weights)
         if self.fast_heads and L == 1 and not (modules or {}).get("qkv"):
@@ -244,6 +282,7 @@ class _BlockSpec:
                 self.rope,
                 norms,
                 self.eps.get("q_norm", 0.0),
+                cache,
             )
         queries, keys, values = self._linear("qkv", x, weights, modules or {})
         queries = queries.reshape(B, L, self.n_heads, -1)
@@ -259,16 +298,30 @@ class _BlockSpec:
     def post(
         self, h: mx.array, attention: mx.array, weights: dict, modules: dict | None = None
     ) -> mx.array:
-        """The rest of the block: h (B, L, D), attention output (B, H, L, hd) -> (B, L, D)."""
+        """The rest of the block: h (B, L, D), attention output (B, H, L, hd) -> (B, L, D).
+        In fast mode the residual adds and silu(gate) * up run in the matmuls' epilogues."""
         B, L, _ = h.shape
         modules = modules or {}
         attention = attention.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        h = h + self._linear("o", attention, weights, modules)[0]
+        h = self._residual("o", attention, h, weights, modules)
         x = self._norm("post_norm", h, weights)
         if "moe" in modules:
             return h + modules["moe"](x)
-        gate, up = self._linear("gate_up", x, weights, modules)
-        return h + self._linear("down", swiglu(gate, up), weights, modules)[0]
+        w = self._fast_weight("gate_up", x, weights, modules, swiglu=self.interleaved)
+        if w is not None and self.interleaved:
+            activation = fast_kernels.matmul(x, w, swiglu=True)
+        else:
+            activation = swiglu(*self._linear("gate_up", x, weights, modules))
+        return self._residual("down", activation, h, weights, modules)
+
+    def _residual(
+        self, name: str, x: mx.array, h: mx.array, weights: dict, modules: dict
+    ) -> mx.array:
+        """h + the group `name` (one output) on x."""
+        w = self._fast_weight(name, x, weights, modules, residual=True)
+        if w is not None:
+            return fast_kernels.matmul(x, w, residual=h)
+        return h + self._linear(name, x, weights, modules)[0]
 
 
 # Shared by every engine, and their compiled traces with them (each engine is built per rollout).
@@ -289,11 +342,14 @@ class _Block:
         layout = {}
         for name, members in groups.items():
             arrays, copied = _fuse(members)
-            self.weights |= {f"{name}.{array}": value for array, value in arrays.items()}
-            self.fused_nbytes += copied
             sizes = [_base(m).weight.shape[0] for m in members]
             splits = tuple(np.cumsum(sizes)[:-1].tolist())
             layout[name] = (_quantization(_base(members[0])), splits, tuple(sorted(arrays)))
+            if name == "gate_up" and _BlockSpec.interleaves(layout, fast):
+                gate, up = (_base(m).weight for m in members)
+                arrays["weight"] = fast_kernels.interleave(gate, up).T
+            self.weights |= {f"{name}.{array}": value for array, value in arrays.items()}
+            self.fused_nbytes += copied
             adapters = [m if isinstance(m, LoRALinear) else None for m in members]
             if any(a is not None for a in adapters):
                 self.modules[name] = adapters
@@ -306,10 +362,15 @@ class _Block:
             _SPECS[key] = _BlockSpec(layer, layout, fast)
         self.spec = _SPECS[key]
 
-    def pre(self, h: mx.array, offsets: mx.array, compiled: bool):
+    def writes_cache(self, length: int) -> bool:
+        """Whether `pre` of `length` tokens takes a `cache` to write its keys and values into
+        (the fast kernel for one token's heads)."""
+        return self.spec.fast_heads and length == 1 and not self.modules.get("qkv")
+
+    def pre(self, h: mx.array, offsets: mx.array, compiled: bool, cache: tuple | None = None):
         if compiled and not self.modules:
-            return self.spec.compiled_pre(h, offsets, self.weights)
-        return self.spec.pre(h, offsets, self.weights, self.modules)
+            return self.spec.compiled_pre(h, offsets, self.weights, None, cache)
+        return self.spec.pre(h, offsets, self.weights, self.modules, cache)
 
     def post(self, h: mx.array, attention: mx.array, compiled: bool) -> mx.array:
         if compiled and not self.modules:
@@ -395,6 +456,7 @@ class FusedDecoder:
         # slice a step replaces building it per step.
         columns = mx.arange(self.capacity)
         self.row_mask = padding[:, None, None, None] <= columns if self.padded else None
+        self.padding = padding  # (n,) int32, for fast_kernels.decode_attention
 
     def filter(self, index: mx.array) -> None:
         """Keep rows `index` (n,) of the cache, in that order (BatchKVCache.filter)."""
@@ -417,21 +479,33 @@ class FusedDecoder:
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _attend(self, i: int, queries: mx.array, keys: mx.array, values: mx.array, mask):
+    def _attend(
+        self, i: int, queries: mx.array, keys: mx.array, values: mx.array, mask, written: bool
+    ):
         """Write block i's new keys and values (B, Hkv, L, hd) at the end of its cache and attend
-        over the columns the rows use; (B, H, L, hd)."""
-        end = self.end + keys.shape[2]
-        if self.keys[i] is None:
-            shape = (keys.shape[0], keys.shape[1], self.capacity, keys.shape[3])
-            self.keys[i] = mx.zeros(shape, dtype=keys.dtype)
-            self.values[i] = mx.zeros(shape[:3] + values.shape[3:], dtype=values.dtype)
-        self.keys[i][..., self.end : end, :] = keys
-        self.values[i][..., self.end : end, :] = values
+        over the columns the rows use; (B, H, L, hd). `written`: keys and values are block i's
+        whole cache with the new ones written already (`_Block.writes_cache`)."""
+        end = self.end + queries.shape[2]
+        scale = self.blocks[i].spec.scale
+        if written:
+            self.keys[i], self.values[i] = keys, values
+            if fast_kernels.attention_supported(queries, keys):
+                window = self.window  # [start, end) as an array, built once per step
+                return fast_kernels.decode_attention(
+                    queries, keys, values, window, self.padding, scale
+                )
+        else:
+            if self.keys[i] is None:
+                shape = (keys.shape[0], keys.shape[1], self.capacity, keys.shape[3])
+                self.keys[i] = mx.zeros(shape, dtype=keys.dtype)
+                self.values[i] = mx.zeros(shape[:3] + values.shape[3:], dtype=values.dtype)
+            self.keys[i][..., self.end : end, :] = keys
+            self.values[i][..., self.end : end, :] = values
         return mx.fast.scaled_dot_product_attention(
             queries,
             self.keys[i][..., self.start : end, :],
             self.values[i][..., self.start : end, :],
-            scale=self.blocks[i].spec.scale,
+            scale=scale,
             mask=mask,
         )
 
@@ -452,9 +526,17 @@ class FusedDecoder:
         # Compiled only for one-token steps: their shapes repeat, a prefill chunk's do not.
         compiled = self.compiled and L == 1
         h = self.embed(tokens)
+        column = None
         for i, block in enumerate(self.blocks):
-            queries, keys, values = block.pre(h, self.offsets, compiled)
-            h = block.post(h, self._attend(i, queries, keys, values, mask), compiled)
+            cache = None
+            if block.writes_cache(L) and self.keys[i] is not None:
+                if column is None:
+                    column = mx.array([self.end], dtype=mx.int32)
+                    self.window = mx.array([self.start, self.end + 1], dtype=mx.int32)
+                cache = (self.keys[i], self.values[i], column)
+            queries, keys, values = block.pre(h, self.offsets, compiled, cache)
+            attention = self._attend(i, queries, keys, values, mask, cache is not None)
+            h = block.post(h, attention, compiled)
         self.end += L
         self.offsets = self.offsets + L
         return mx.fast.rms_norm(h, *self.norm)

@@ -28,19 +28,29 @@ PROMPTS = ["1+2=", "3+4=", "2+2=7+1=", "0+", "4+4=hello 1+1="]
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """fast_kernels as if present (on any machine): its matmul x @ w.T rounded through float16
-    (another rounding than the trainer's float32), counting the calls by (inputs, outputs); its
-    qkv_heads is `qkv_heads_reference` (MLX's operations)."""
+    """fast_kernels as if present (on any machine): its matmul is `reference` with x and w
+    rounded through float16 (another rounding than the trainer's float32), counting the calls by
+    (inputs, outputs, epilogue); its qkv_heads is `qkv_heads_reference` (MLX's operations)."""
     calls = []
 
-    def matmul(x, w):
-        calls.append(tuple(w.shape[::-1]))
-        return (x.astype(mx.float16) @ w.astype(mx.float16).T).astype(x.dtype)
+    def matmul(x, w, residual=None, swiglu=False):
+        epilogue = "swiglu" if swiglu else "residual" if residual is not None else "plain"
+        calls.append((w.shape[1], w.shape[0], epilogue))
+        y = fast_kernels.reference(x.astype(mx.float16), w.astype(mx.float16), swiglu=swiglu)
+        y = y.astype(x.dtype)
+        return y if residual is None else residual + y
 
     monkeypatch.setattr(fast_kernels, "unavailable", lambda: None)
-    monkeypatch.setattr(fast_kernels, "supports", lambda x, w: x.shape[-1] == w.shape[1])
+    monkeypatch.setattr(
+        fast_kernels, "supports", lambda x, w, swiglu=False: x.shape[-1] == w.shape[1]
+    )
     monkeypatch.setattr(fast_kernels, "matmul", matmul)
     monkeypatch.setattr(fast_kernels, "qkv_heads", fast_kernels.qkv_heads_reference)
+    # The reference computes any head size: the tiny model's heads (16) take the path too.
+    monkeypatch.setattr(fast_kernels, "heads_supported", lambda head_dim, rope: True)
+    monkeypatch.setattr(fast_kernels, "attention_supported", lambda queries, keys: True)
+    monkeypatch.setattr(fast_kernels, "decode_attention", fast_kernels.decode_attention_reference)
+    monkeypatch.setattr(fused_decode, "_SPECS", {})  # specs built with the patched functions
     return calls
 
 
@@ -115,15 +125,17 @@ def test_only_one_token_steps_take_the_kernel_and_the_correction_sees_the_differ
     cfg = RolloutConfig(fast_kernels=True, fused_compile=False, **settings)
     fast = generate_rollouts(model, _NoEos(tokenizer), prompts, cfg, seed=1)
     assert fast.engine == "fused"
-    # The emulation counted (K, N) of qkv, o, gate_up, down and the head, decode steps only.
+    # The emulation counted (K, N, epilogue) of qkv, o (+ residual), gate_up (silu(gate) * up),
+    # down (+ residual) and the head, decode steps only.
     blocks, decodes = len(model.layers), steps - 1
     vocab, hidden = model.model.embed_tokens.weight.shape
     attn = model.layers[0].self_attn
     q = attn.q_proj.weight.shape[0]
     kv = attn.k_proj.weight.shape[0]
     f = model.layers[0].mlp.gate_proj.weight.shape[0]
-    want = Counter({(hidden, q + 2 * kv): blocks, (q, hidden): blocks})
-    want += Counter({(hidden, 2 * f): blocks, (f, hidden): blocks, (hidden, vocab): 1})
+    want = Counter({(hidden, q + 2 * kv, "plain"): blocks, (q, hidden, "residual"): blocks})
+    want += Counter({(hidden, 2 * f, "swiglu"): blocks, (f, hidden, "residual"): blocks})
+    want += Counter({(hidden, vocab, "plain"): 1})
     assert Counter(emulated) == Counter({s: c * decodes for s, c in want.items()})
     # Another rounding: close to the exact engine's log-probs, not equal to them.
     mask = np.array(fast.completion_mask) > 0
@@ -140,6 +152,34 @@ def test_only_one_token_steps_take_the_kernel_and_the_correction_sees_the_differ
     assert ratio_min < 1 < ratio_max or ratio_min != ratio_max
 
 
+def test_heads_written_into_the_cache_equal_the_separate_writes(tiny_path, emulated, monkeypatch):
+    """The fast engine writes one token's keys and values into the KV cache from the heads'
+    kernel (`_Block.writes_cache`) and attends through `decode_attention` over the step's
+    window and the rows' left padding: the same logits, step after step and after rows are
+    filtered, as the engine's own slice updates and attention with its mask."""
+    model, _ = load(tiny_path, dtype="float16")
+    prompts = mx.array([[5, 6, 7, 8], [0, 0, 9, 10]], dtype=mx.int32)
+
+    def run() -> list[np.ndarray]:
+        engine = fused_decode.FusedDecoder(model, fast=True, compiled=False)
+        logits = [engine.prefill(prompts, [0, 2], 6)]
+        engine.filter(mx.array([0, 1, 1, 0]))
+        tokens = mx.array([3, 4, 5, 6])
+        for _ in range(5):
+            logits.append(engine.decode(tokens))
+            tokens = mx.argmax(logits[-1], axis=-1)
+        return [np.array(x.astype(mx.float32)) for x in logits]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fused_decode._Block, "writes_cache", lambda block, length: False)
+        separate = run()
+    fused_decode._SPECS.clear()
+    written = run()
+    assert fused_decode._Block.writes_cache(fused_decode._Block(model.layers[0], fast=True), 1)
+    for a, b in zip(written, separate):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_the_pipeline_turns_the_correction_on_with_fast_kernels():
     train = grpo_update.TrainConfig()
     assert train.with_sampler_correction(True).vllm_importance_sampling_correction is True
@@ -152,24 +192,34 @@ def test_the_pipeline_turns_the_correction_on_with_fast_kernels():
 
 
 @needs_cuda
+@pytest.mark.parametrize("epilogue", ["plain", "residual", "swiglu"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("rows", [1, 15, 64, 65, 130])
 @pytest.mark.parametrize("k,n", [(64, 128), (192, 64), (1024, 4096), (3072, 1024), (256, 16384)])
-def test_kernel_equals_a_float32_matmul_within_half_precision(k, n, rows, dtype):
+def test_kernel_equals_a_float32_matmul_within_half_precision(k, n, rows, dtype, epilogue):
+    """The kernel against MLX's operations in float32 on the same half-precision inputs (the
+    residual added and silu(gate) * up taken in float32 too), no further from it than twice
+    MLX's own matmul in that precision."""
     mx.random.seed(rows + k)
     x = mx.random.normal((rows, k)).astype(dtype)
     w = (mx.random.normal((n, k)) / k**0.5).astype(dtype)
-    reference = x.astype(mx.float32) @ w.astype(mx.float32).T
-    got = fast_kernels.matmul(x, w)
-    assert got.shape == (rows, n) and got.dtype == dtype
-    blas = (x @ w.T).astype(mx.float32)
+    residual = mx.random.normal((rows, n)).astype(dtype) if epilogue == "residual" else None
+    swiglu = epilogue == "swiglu"
+    as32 = (None if residual is None else residual.astype(mx.float32),)
+    reference = fast_kernels.reference(x.astype(mx.float32), w.astype(mx.float32), *as32, swiglu)
+    got = fast_kernels.matmul(x, w, residual, swiglu)
+    assert got.shape == (rows, n // 2 if swiglu else n) and got.dtype == dtype
+    blas = fast_kernels.reference(x, w, residual, swiglu).astype(mx.float32)
     scale = mx.abs(reference).max().item()
     ours = mx.abs(got.astype(mx.float32) - reference).max().item() / scale
     theirs = mx.abs(blas - reference).max().item() / scale
     assert ours <= 2 * max(theirs, 2.0**-8), (ours, theirs)
     # Three dimensions (B, 1, K), as the engine calls it; and the same bits on a second call
     # (the split's partial sums are added in a fixed order).
-    assert mx.array_equal(fast_kernels.matmul(x[:, None], w)[:, 0], got)
+    again = fast_kernels.matmul(
+        x[:, None], w, None if residual is None else residual[:, None], swiglu
+    )
+    assert mx.array_equal(again[:, 0], got)
 
 
 @needs_cuda
@@ -202,6 +252,18 @@ def test_qkv_heads_equal_mlx_operations_within_one_rounding(
         assert gap <= 2 * eps * mx.abs(theirs.astype(mx.float32)).max().item()
         assert (ours == theirs).mean().item() > 0.5
     assert mx.array_equal(got[2], want[2])  # the values are only laid out
+    # Written into column 3 of a cache in place: the same bits, every other column untouched.
+    caches = [mx.random.normal((rows, kv_heads, 6, head_dim)).astype(dtype) for _ in "kv"]
+    mx.eval(caches)
+    before = [np.array(c.astype(mx.float32)) for c in caches]
+    column = mx.array([3], dtype=mx.int32)
+    queries, keys, values = fast_kernels.qkv_heads(*args, cache=(*caches, column))
+    assert mx.array_equal(queries, got[0])
+    for cache, old, new, written in zip(caches, before, got[1:], (keys, values)):
+        after = np.array(written.astype(mx.float32))
+        assert np.array_equal(after[:, :, 3], np.array(new[:, :, 0].astype(mx.float32)))
+        assert np.array_equal(np.delete(after, 3, axis=2), np.delete(old, 3, axis=2))
+        assert np.array_equal(np.array(cache.astype(mx.float32)), after)  # in place
 
 
 @needs_cuda
@@ -229,3 +291,35 @@ def test_fast_engine_in_bfloat16_stays_close_to_the_exact_engine(compiled, lora,
     agree = same.cumprod(axis=1).astype(bool)  # positions before any divergence
     gap = np.abs(np.array(fast.logprobs) - np.array(exact.logprobs))[agree]
     assert gap.max() < 0.1
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim", [(16, 8, 128), (9, 3, 64), (4, 4, 128), (16, 2, 256)]
+)
+@pytest.mark.parametrize("window", [(0, 1), (5, 290), (0, 300)])
+def test_decode_attention_equals_mlx_attention_within_half_precision(
+    heads, kv_heads, head_dim, window, dtype
+):
+    """The kernel against MLX's attention in float32 on the same half-precision inputs (rows'
+    left padding masked), no further from it than twice MLX's own attention in that precision."""
+    rows, columns = 37, 300
+    mx.random.seed(heads + head_dim + window[1])
+    queries = mx.random.normal((rows, heads, 1, head_dim)).astype(dtype)
+    keys, values = (
+        mx.random.normal((rows, kv_heads, columns, head_dim)).astype(dtype) for _ in "kv"
+    )
+    # Left padding below the window's end: every row keeps a column.
+    padding = mx.array(np.random.default_rng(0).integers(0, window[1], rows), dtype=mx.int32)
+    span = mx.array(window, dtype=mx.int32)
+    scale = head_dim**-0.5
+    got = fast_kernels.decode_attention(queries, keys, values, span, padding, scale)
+    assert got.shape == queries.shape and got.dtype == dtype
+    as32 = [a.astype(mx.float32) for a in (queries, keys, values)]
+    reference = fast_kernels.decode_attention_reference(*as32, span, padding, scale)
+    mlx = fast_kernels.decode_attention_reference(queries, keys, values, span, padding, scale)
+    size = mx.abs(reference).max().item()
+    ours = mx.abs(got.astype(mx.float32) - reference).max().item() / size
+    theirs = mx.abs(mlx.astype(mx.float32) - reference).max().item() / size
+    assert ours <= 2 * max(theirs, 2.0**-8), (ours, theirs)
