@@ -11,7 +11,9 @@ bfloat16 inputs, relative to the reference's largest value. Speed: one "step" is
 projection of every block plus the head, in order on one stream (each reads a fixed input of
 its size), evaluated once, as Python builds it and compiled (`mx.compile`, as
 `rollout.fused_compile` runs a block); the best of `--rounds` runs of `--steps` steps per system,
-alternating, with the part of it spent building the graph in Python.
+alternating, with the part of it spent building the graph in Python. (These matmuls read
+fixed inputs, so MLX's CUDA graph may run some of them at once; the kernel's split-K counters
+are shared by calls of one shape, so their outputs are timed here, not checked.)
 """
 
 from __future__ import annotations

@@ -330,7 +330,11 @@ def matmul(
 ) -> mx.array:
     """x (..., K) @ w.T for w (N, K) row-major: (..., N), through the kernel (see `supports`);
     plus `residual` (..., N) if given; with `swiglu`, silu(gate) * up of an `interleave`d
-    gate|up weight: (..., N / 2)."""
+    gate|up weight: (..., N / 2).
+
+    Calls of one shape and epilogue share their per-tile counters, so they must not run at the
+    same time: MLX's CUDA graph runs two kernels concurrently only when neither reads the
+    other's output, and a model's matmuls each read the last one's."""
     global _kernel
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
