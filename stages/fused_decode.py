@@ -202,10 +202,14 @@ class _BlockSpec:
 
     def _linear(self, name: str, x: mx.array, weights: dict, modules: dict) -> list[mx.array]:
         """The group `name` on x (..., in): one matmul as nn.Linear or nn.QuantizedLinear computes
-        it, split, each adapter's update added to its slice as LoRALinear adds it."""
+        it, split (a gate|up weight kept `interleaved` for the fast kernel's epilogue: taken
+        apart), each adapter's update added to its slice as LoRALinear adds it."""
         _, splits, _ = self.layout[name]
         y = self._project(name, x, weights)
-        parts = mx.split(y, list(splits), axis=-1) if splits else [y]
+        if name == "gate_up" and self.interleaved:
+            parts = list(fast_kernels.deinterleave(y))
+        else:
+            parts = mx.split(y, list(splits), axis=-1) if splits else [y]
         for i, lora in enumerate(modules.get(name, ())):
             if lora is not None:
                 z = (lora.dropout(x) @ lora.lora_a) @ lora.lora_b
@@ -213,9 +217,7 @@ class _BlockSpec:
         return parts
 
     def _project(self, name: str, x: mx.array, weights: dict) -> mx.array:
-        """The group `name`'s one matmul (and bias) on x (..., in), unsplit; a gate|up group
-        whose weight is interleaved for the fast kernel's epilogue (`interleaved`) comes out
-        as gate | up all the same."""
+        """The group `name`'s one matmul (and bias) on x (..., in), unsplit."""
         quantization, _, _ = self.layout[name]
         weight, bias = weights[name + ".weight"], weights.get(name + ".bias")
         w = self._fast_weight(name, x, weights)
@@ -237,8 +239,6 @@ class _BlockSpec:
                 mode=mode,
             )
             y = y if bias is None else y + bias
-        if name == "gate_up" and self.interleaved:
-            y = mx.concatenate(fast_kernels.deinterleave(y), axis=-1)
         return y
 
     def _fast_weight(
