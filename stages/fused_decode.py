@@ -307,8 +307,12 @@ class _BlockSpec:
         x = self._norm("post_norm", h, weights)
         if "moe" in modules:
             return h + modules["moe"](x)
-        w = self._fast_weight("gate_up", x, weights, modules, swiglu=self.interleaved)
-        if w is not None and self.interleaved:
+        w = (
+            self._fast_weight("gate_up", x, weights, modules, swiglu=True)
+            if self.interleaved
+            else None
+        )
+        if w is not None:
             activation = fast_kernels.matmul(x, w, swiglu=True)
         else:
             activation = swiglu(*self._linear("gate_up", x, weights, modules))
@@ -480,17 +484,17 @@ class FusedDecoder:
     # -- forward ------------------------------------------------------------------------------
 
     def _attend(
-        self, i: int, queries: mx.array, keys: mx.array, values: mx.array, mask, written: bool
+        self, i: int, queries: mx.array, keys: mx.array, values: mx.array, mask, window=None
     ):
         """Write block i's new keys and values (B, Hkv, L, hd) at the end of its cache and attend
-        over the columns the rows use; (B, H, L, hd). `written`: keys and values are block i's
-        whole cache with the new ones written already (`_Block.writes_cache`)."""
+        over the columns the rows use; (B, H, L, hd). With `window` (the step's [start, end) as
+        an int32 array) keys and values are block i's whole cache with the new ones written
+        already (`_Block.writes_cache`)."""
         end = self.end + queries.shape[2]
         scale = self.blocks[i].spec.scale
-        if written:
+        if window is not None:
             self.keys[i], self.values[i] = keys, values
             if fast_kernels.attention_supported(queries, keys):
-                window = self.window  # [start, end) as an array, built once per step
                 return fast_kernels.decode_attention(
                     queries, keys, values, window, self.padding, scale
                 )
@@ -526,16 +530,17 @@ class FusedDecoder:
         # Compiled only for one-token steps: their shapes repeat, a prefill chunk's do not.
         compiled = self.compiled and L == 1
         h = self.embed(tokens)
-        column = None
+        column = window = None  # arrays built once per step, for the blocks that write the cache
         for i, block in enumerate(self.blocks):
             cache = None
             if block.writes_cache(L) and self.keys[i] is not None:
                 if column is None:
                     column = mx.array([self.end], dtype=mx.int32)
-                    self.window = mx.array([self.start, self.end + 1], dtype=mx.int32)
+                    window = mx.array([self.start, self.end + 1], dtype=mx.int32)
                 cache = (self.keys[i], self.values[i], column)
             queries, keys, values = block.pre(h, self.offsets, compiled, cache)
-            attention = self._attend(i, queries, keys, values, mask, cache is not None)
+            step_window = window if cache is not None else None
+            attention = self._attend(i, queries, keys, values, mask, step_window)
             h = block.post(h, attention, compiled)
         self.end += L
         self.offsets = self.offsets + L
