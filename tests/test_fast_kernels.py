@@ -103,10 +103,27 @@ def test_supports_needs_half_precision_and_tile_sizes():
     assert not fast_kernels.supports(mx.zeros((3, 32), dtype=mx.float16), w)  # mixed
     assert not fast_kernels.supports(
         mx.zeros((3, 24), dtype=mx.bfloat16), mx.zeros((64, 24), dtype=mx.bfloat16)
-    )  # K not a multiple of 16
-    assert not fast_kernels.supports(
-        mx.zeros((3, 32), dtype=mx.bfloat16), mx.zeros((40, 32), dtype=mx.bfloat16)
-    )  # N not a multiple of 16
+    )  # K not a multiple of 32
+    x = mx.zeros((3, 32), dtype=mx.bfloat16)
+    assert not fast_kernels.supports(x, mx.zeros((40, 32), dtype=mx.bfloat16))  # N % 32
+    # silu(gate) * up pairs a warp's tiles: blocks of 64 columns below MEDIUM_FROM, not 32.
+    assert fast_kernels.supports(x, mx.zeros((96, 32), dtype=mx.bfloat16))
+    assert not fast_kernels.supports(x, mx.zeros((96, 32), dtype=mx.bfloat16), swiglu=True)
+    assert fast_kernels.supports(x, mx.zeros((128, 32), dtype=mx.bfloat16), swiglu=True)
+
+
+def test_interleaved_gate_up_comes_apart_into_gate_and_up():
+    gate, up = mx.random.normal((24, 32)), mx.random.normal((24, 32))
+    x = mx.random.normal((5, 1, 32))
+    w = fast_kernels.interleave(gate, up)
+    assert w.shape == (48, 32) and mx.array_equal(w[8:16], up[:8])
+    got_gate, got_up = fast_kernels.deinterleave(x @ w.T)
+    assert mx.allclose(got_gate, x @ gate.T) and mx.allclose(got_up, x @ up.T)
+    want = fast_kernels.swiglu_activation(x @ gate.T, x @ up.T)
+    assert mx.allclose(fast_kernels.reference(x, w, swiglu=True), want)
+    assert mx.allclose(
+        fast_kernels.reference(x, gate, residual=x[..., :24]), x[..., :24] + x @ gate.T
+    )
 
 
 def test_only_one_token_steps_take_the_kernel_and_the_correction_sees_the_difference(
