@@ -68,7 +68,7 @@ def synthetic_batch(rows: int, seq_len: int, prompt_len: int, vocab: int, seed: 
     )
 
 
-def run_variant(args, use_lora: bool, checkpointing: bool | str) -> dict:
+def run_variant(args, use_lora: bool, checkpointing: bool | str, lean: bool = True) -> dict:
     config = dict(QWEN3_0_6B, num_hidden_layers=args.layers)
     mx.random.seed(0)
     model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
@@ -83,7 +83,9 @@ def run_variant(args, use_lora: bool, checkpointing: bool | str) -> dict:
     if args.plain_adamw:  # MLX's AdamW as it is: each array's update uncompiled
         optimizer._new_parameter = None
     cfg = grpo_update.TrainConfig(
-        micro_batch_size=args.micro_batch_size, gradient_checkpointing=checkpointing
+        micro_batch_size=args.micro_batch_size,
+        gradient_checkpointing=checkpointing,
+        lean_activations=lean,
     )
     grpo_update.update_step(model, optimizer, batch, advantages, cfg)  # warm-up, optimizer init
     mx.synchronize()
@@ -107,6 +109,14 @@ def run_variant(args, use_lora: bool, checkpointing: bool | str) -> dict:
         "trainable_m": trainable / 1e6,
     }
 
+
+VARIANTS = {  # name: (LoRA, gradient_checkpointing)
+    "full": (False, False),
+    "full + mlp ckpt": (False, "mlp"),
+    "full + ckpt": (False, True),
+    "lora": (True, False),
+    "lora + ckpt": (True, True),
+}
 
 _PHASE_PEAKS: list[int] = []
 
@@ -158,7 +168,22 @@ def main() -> None:
         help="also print each phase's peak: the forward and head (StagedEval.run), the "
         "backward, the parameters' and the moments' update (grpo_update.eval_by_block)",
     )
+    parser.add_argument(
+        "--lean",
+        choices=("on", "off", "both"),
+        default="on",
+        help="train.lean_activations (stages/lean_activations.py); both: each variant without "
+        "it first, then with it",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, from: {', '.join(VARIANTS)}",
+    )
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     StagedEval.in_flight = args.in_flight
     if args.phases:
         StagedEval.run = _phase("forward + head", StagedEval.run)
@@ -172,30 +197,29 @@ def main() -> None:
         f"{'plain' if args.plain_adamw else 'fused (compiled)'} AdamW"
     )
     header = (
-        f"{'variant':<18}{'trainable M':>12}{'peak GB':>10}{'resident GB':>13}"
+        f"{'variant':<24}{'trainable M':>12}{'peak GB':>10}{'resident GB':>13}"
         f"{'tokens/s':>10}{'step s':>8}"
     )
     print(header)
     results = {}
-    for name, use_lora, checkpointing in [
-        ("full", False, False),
-        ("full + mlp ckpt", False, "mlp"),
-        ("full + ckpt", False, True),
-        ("lora", True, False),
-        ("lora + ckpt", True, True),
-    ]:
-        r = run_variant(args, use_lora, checkpointing)
-        results[name] = r
-        print(
-            f"{name:<18}{r['trainable_m']:>12.1f}{r['peak_gb']:>10.2f}{r['resident_gb']:>13.2f}"
-            f"{r['tokens_per_s']:>10.0f}{r['seconds']:>8.2f}",
-            flush=True,
-        )
-    base = results["full"]
-    for name, r in results.items():
-        if name != "full":
+    leans = {"on": [True], "off": [False], "both": [False, True]}[args.lean]
+    for variant in args.variants.split(","):
+        use_lora, checkpointing = VARIANTS[variant]
+        for lean in leans:
+            name = variant + (" (lean)" if lean and args.lean == "both" else "")
+            r = run_variant(args, use_lora, checkpointing, lean)
+            results[name] = r
             print(
-                f"{name} vs full: peak memory x{r['peak_gb'] / base['peak_gb']:.2f}, "
+                f"{name:<24}{r['trainable_m']:>12.1f}{r['peak_gb']:>10.2f}"
+                f"{r['resident_gb']:>13.2f}{r['tokens_per_s']:>10.0f}{r['seconds']:>8.2f}",
+                flush=True,
+            )
+    first = next(iter(results))
+    base = results[first]
+    for name, r in results.items():
+        if name != first:
+            print(
+                f"{name} vs {first}: peak memory x{r['peak_gb'] / base['peak_gb']:.2f}, "
                 f"tokens/s x{r['tokens_per_s'] / base['tokens_per_s']:.2f}"
             )
 

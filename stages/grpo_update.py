@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stages import distributed, grad_checkpoint, lora
+from stages import distributed, grad_checkpoint, lean_activations, lora
 from stages.advantages import AGGREGATIONS, SCALE_REWARDS
 from stages.entropy import high_entropy_mask
 from stages.losses import (
@@ -148,6 +148,13 @@ class TrainConfig:
         "more forward); mlp: recompute only each block's MLP (about 40% less activation "
         "memory, about 60% of true's extra compute); false: keep them",
     )
+    lean_activations: bool = setting(
+        True,
+        "swiglu (without gradient checkpointing), attention (CPU, Metal) and rms_norm (CPU) "
+        "keep only their inputs for the backward pass and recompute the rest (sigmoid; "
+        "attention scores, tile by tile): same gradients, less memory; false: MLX's autograd "
+        "as it is",
+    )
 
     def validate(self) -> None:
         check(self.steps >= 1, "steps", self.steps, ">= 1")
@@ -159,6 +166,12 @@ class TrainConfig:
             "gradient_checkpointing",
             self.gradient_checkpointing,
             "true | false | mlp",
+        )
+        check(
+            isinstance(self.lean_activations, bool),
+            "lean_activations",
+            self.lean_activations,
+            "true | false",
         )
         one_of("loss_type", self.loss_type, tuple(LOSS_TYPES))
         one_of("scale_rewards", self.scale_rewards, SCALE_REWARDS)
@@ -487,6 +500,9 @@ def update_step(
         parts = 1 if cfg.gradient_checkpointing else StagedEval.in_flight
         with (
             grad_checkpoint.enabled(model, cfg.gradient_checkpointing),
+            lean_activations.enabled(
+                model, cfg.lean_activations, checkpointing=cfg.gradient_checkpointing
+            ),
             lora.adapters_in_activation_dtype(model),
             StagedEval.parts_in_flight(parts),
         ):

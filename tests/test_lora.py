@@ -205,7 +205,15 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_path, mode):
     results = []
     for checkpointing in (False, mode):
         model, tokenizer = load(tiny_path, dtype="float32")
-        metrics = _train(model, tokenizer, steps=1, gradient_checkpointing=checkpointing)
+        # Both with MLX's own swiglu (with checkpointing the lean one is off; it rounds
+        # differently, and Adam's first step magnifies that: tests/test_lean_activations.py).
+        metrics = _train(
+            model,
+            tokenizer,
+            steps=1,
+            gradient_checkpointing=checkpointing,
+            lean_activations=False,
+        )
         results.append((metrics, _params(model)))
     (m0, p0), (m1, p1) = results
     assert m0["loss"] == pytest.approx(m1["loss"], abs=1e-6)

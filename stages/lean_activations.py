@@ -1,0 +1,227 @@
+"""Leaner activations for the update's backward pass: the same gradients, fewer values kept.
+
+Some of the operations mlx-lm's models are built from keep more for the backward pass than their
+gradients need, or build large temporaries in it:
+
+- `swiglu(gate, up) = silu(gate) * up` (every Qwen3, Llama and Qwen3-MoE MLP): MLX's autograd
+  keeps intermediates of the silu besides the gate and the up projection (about two more
+  intermediate-sized arrays a token, measured). `swiglu` here keeps only the gate and the up
+  projection and recomputes the sigmoid in its backward pass (elementwise, no matmul).
+- `mx.fast.scaled_dot_product_attention` where MLX trains with its unfused attention (the CPU
+  always; Metal, which routes training to the unfused kernels): the whole (rows, heads,
+  queries, keys) score matrix is built at once and kept, and its backward builds several more
+  (for 16 rows x 384 tokens in float32, 150 MB each). `attention` here computes the same
+  attention in tiles of rows and key-value heads (at most `TILE_BYTES` of scores each), keeps
+  only the queries, keys and values, and recomputes each tile's scores in the backward pass,
+  one tile after another. On CUDA MLX's attention backward is fused (cuDNN): left alone.
+- `mx.fast.rms_norm` on the CPU, where MLX computes it as a composite of operations and keeps
+  their intermediates: `rms_norm` here keeps only its input and weight (on a GPU MLX's own
+  kernel and backward already do: left alone).
+
+`enabled(model)` swaps them in for the duration of the block (the update's gradient pass); the
+rollout runs mlx-lm's own. Values and gradients equal MLX's within rounding
+(tests/test_lean_activations.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache, partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import activations
+
+TILE_BYTES = 32 * 2**20  # float32 scores of one attention tile
+
+
+@mx.compile
+def _swiglu_forward(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+@mx.compile
+def _swiglu_backward(gate: mx.array, up: mx.array, cotangent: mx.array):
+    sigmoid = mx.sigmoid(gate)
+    silu = gate * sigmoid
+    d_gate = cotangent * up * sigmoid * (1 + gate * (1 - sigmoid))
+    return d_gate.astype(gate.dtype), (cotangent * silu).astype(up.dtype)
+
+
+@mx.custom_function
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up, keeping only `gate` and `up` for the backward pass."""
+    return _swiglu_forward(gate, up)
+
+
+@swiglu.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    gate, up = primals
+    return _swiglu_backward(gate, up, cotangent)
+
+
+_SDPA = mx.fast.scaled_dot_product_attention  # MLX's own, called tile by tile
+
+
+def _tiles(rows: int, kv_heads: int, tile_scores: int) -> list[tuple[int, int, int, int]]:
+    """(row start, row stop, kv-head start, kv-head stop) covering rows x kv heads, each tile
+    holding at most TILE_BYTES of float32 scores (`tile_scores`: scores of one row and one kv
+    head), rows split before heads."""
+    per_tile = max(TILE_BYTES // (4 * tile_scores), 1)
+    if per_tile >= kv_heads:
+        step = per_tile // kv_heads
+        return [(r, min(r + step, rows), 0, kv_heads) for r in range(0, rows, step)]
+    return [
+        (r, r + 1, h, min(h + per_tile, kv_heads))
+        for r in range(rows)
+        for h in range(0, kv_heads, per_tile)
+    ]
+
+
+def _mask_tile(mask, rows: int, heads: int, tile, group: int):
+    """The part of `mask` (None, "causal" or an array broadcast to (rows, heads, L, S)) that
+    applies to `tile`."""
+    if mask is None or isinstance(mask, str) or mask.ndim < 3:
+        return mask
+    r0, r1, h0, h1 = tile
+    if mask.ndim == 4 and mask.shape[0] == rows:
+        mask = mask[r0:r1]
+    if mask.shape[-3] == heads:
+        mask = mask[..., h0 * group : h1 * group, :, :]
+    return mask
+
+
+def attention(queries, keys, values, *, scale: float, mask=None, sinks=None, **kwargs):
+    """mx.fast.scaled_dot_product_attention in tiles, its scores recomputed in the backward pass
+    (module docstring). Calls it cannot tile (attention sinks, other keyword arguments, one
+    query) go to MLX's own."""
+    if sinks is not None or kwargs or queries.ndim != 4 or queries.shape[2] == 1:
+        return _SDPA(queries, keys, values, scale=scale, mask=mask, sinks=sinks, **kwargs)
+    rows, heads, length, _ = queries.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    tiles = _tiles(rows, kv_heads, group * length * keys.shape[2])
+
+    def parts(q, k, v, tile):
+        r0, r1, h0, h1 = tile
+        return (
+            q[r0:r1, h0 * group : h1 * group],
+            k[r0:r1, h0:h1],
+            v[r0:r1, h0:h1],
+            _mask_tile(mask, rows, heads, tile, group),
+        )
+
+    def attend(q, k, v, tile_mask):
+        return _SDPA(q, k, v, scale=scale, mask=tile_mask)
+
+    def assemble(pieces: list[mx.array], like: mx.array) -> mx.array:
+        """Tile results written into one (rows, heads, ...) array, in place one tile after
+        another (a concatenation would hold every tile and the whole result at once)."""
+        if len(pieces) == 1:
+            return pieces[0]
+        whole = mx.zeros(like.shape, dtype=pieces[0].dtype)
+        per_head = like.shape[1] // kv_heads
+        for (r0, r1, h0, h1), piece in zip(tiles, pieces):
+            whole[r0:r1, h0 * per_head : h1 * per_head] = piece
+        return whole
+
+    @mx.custom_function
+    def tiled(q, k, v):
+        return assemble([attend(*parts(q, k, v, tile)) for tile in tiles], q)
+
+    @tiled.vjp
+    def tiled_vjp(primals, cotangent, output):
+        q, k, v = primals
+        grads: list[tuple[mx.array, mx.array, mx.array]] = []
+        for tile in tiles:
+            q_t, k_t, v_t, m_t = parts(q, k, v, tile)
+            r0, r1, h0, h1 = tile
+            d_out = cotangent[r0:r1, h0 * group : h1 * group]
+            if grads:  # one tile's scores at a time: this tile waits for the previous one's
+                q_t, k_t, v_t, d_out = mx.depends([q_t, k_t, v_t, d_out], list(grads[-1]))
+            _, tile_grads = mx.vjp(
+                lambda a, b, c, m=m_t: attend(a, b, c, m), [q_t, k_t, v_t], [d_out]
+            )
+            grads.append(tuple(tile_grads))
+        return tuple(assemble([g[i] for g in grads], like) for i, like in enumerate(primals))
+
+    return tiled(queries, keys, values)
+
+
+_RMS_NORM = mx.fast.rms_norm  # MLX's own: the forward
+
+
+@partial(mx.compile, shapeless=True)
+def _rms_norm_backward(x, weight, cotangent, eps):
+    """(dx, g * x * n): one row-sized temporary at a time besides the outputs (the mean of
+    squares, then the mean of g * w * x), so MLX's unfused CPU reductions stay small."""
+    g, w = cotangent.astype(mx.float32), weight.astype(mx.float32)
+    xf = x.astype(mx.float32)
+    n = mx.rsqrt(mx.mean(mx.square(xf), axis=-1, keepdims=True) + eps)
+    s = mx.mean(g * w * xf, axis=-1, keepdims=True) * (n * n)
+    dx = n * (g * w - xf * s)
+    return dx.astype(x.dtype), g * xf * n
+
+
+@cache
+def _rms_norm_with(eps: float):
+    @mx.custom_function
+    def norm(x, weight):
+        return _RMS_NORM(x, weight, eps)
+
+    @norm.vjp
+    def norm_vjp(primals, cotangent, output):
+        x, weight = primals
+        dx, dw = _rms_norm_backward(x, weight, cotangent, eps)
+        return dx, dw.reshape(-1, x.shape[-1]).sum(axis=0).astype(weight.dtype)
+
+    return norm
+
+
+def rms_norm(x, weight, eps):
+    """mx.fast.rms_norm keeping only `x` and `weight` for the backward pass (on the CPU MLX's
+    rms_norm is its composite of operations, each intermediate kept)."""
+    if weight is None:
+        return _RMS_NORM(x, weight, eps)
+    return _rms_norm_with(float(eps))(x, weight)
+
+
+def _trains_unfused() -> bool:
+    """Whether MLX trains with its unfused attention here (CPU, Metal), not CUDA's fused one."""
+    return mx.default_device() == mx.cpu or not mx.cuda.is_available()
+
+
+@contextmanager
+def enabled(
+    model: nn.Module, on: bool = True, checkpointing: bool | str = False
+) -> Iterator[nn.Module]:
+    """Within the block, mlx-lm's swiglu in the modules that define `model`'s layers is
+    `swiglu` above, mx.fast's attention is `attention` where MLX trains with unfused attention,
+    and mx.fast's rms_norm is `rms_norm` on the CPU; all restored after. With gradient
+    `checkpointing` (true or "mlp") the MLP's activations are recomputed, not kept, so swiglu
+    stays mlx-lm's (its backward pass is faster: on an H200 the lean one cost 6-13% of a
+    checkpointed update's speed for 0.15 GB)."""
+    if not on:
+        yield model
+        return
+    namespaces = {sys.modules[type(module).__module__] for _, module in model.named_modules()}
+    patched = [
+        ns
+        for ns in namespaces
+        if not checkpointing and getattr(ns, "swiglu", None) is activations.swiglu
+    ]
+    sdpa, norm = mx.fast.scaled_dot_product_attention, mx.fast.rms_norm
+    try:
+        for ns in patched:
+            ns.swiglu = swiglu
+        if _trains_unfused():
+            mx.fast.scaled_dot_product_attention = attention
+        if mx.default_device() == mx.cpu:
+            mx.fast.rms_norm = rms_norm
+        yield model
+    finally:
+        for ns in patched:
+            ns.swiglu = activations.swiglu
+        mx.fast.scaled_dot_product_attention, mx.fast.rms_norm = sdpa, norm

@@ -1,0 +1,262 @@
+"""stages/lean_activations.py: swiglu and tiled attention keep less for the backward pass and give
+MLX autograd's values and gradients; the update with them equals the update without."""
+
+from __future__ import annotations
+
+from stages import grpo_update, lean_activations
+from stages.grpo_update import TrainConfig
+from stages.load_weights import load
+from stages.rollout import RolloutBatch
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import activations, qwen3, switch_layers
+
+_SDPA = mx.fast.scaled_dot_product_attention
+_RMS_NORM = mx.fast.rms_norm
+
+
+def _random(shape, seed, dtype=mx.float32):
+    return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
+
+
+@pytest.fixture
+def on_cpu():
+    """The test on the CPU device, where the tiled attention and rms_norm are used (on a CUDA
+    host too; there MLX's fused attention is left alone and picks kernels by shape)."""
+    default = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(default)
+
+
+def _grads(fn, inputs, seed=99):
+    """fn's output and the gradients of <fn(inputs), R> for a random R, in float64 NumPy."""
+    out = fn(*inputs)
+    weights = _random(out.shape, seed, mx.float32)
+
+    def loss(*args):
+        return (fn(*args).astype(mx.float32) * weights).sum()
+
+    grads = mx.grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+    return np.array(out.astype(mx.float32)), [np.array(g.astype(mx.float32)) for g in grads]
+
+
+@pytest.mark.parametrize("dtype, tol", [(mx.float32, 1e-6), (mx.bfloat16, 2e-2)])
+def test_swiglu_equals_mlx_lm_values_and_gradients(dtype, tol):
+    gate, up = _random((3, 7, 96), 0, dtype) * 3, _random((3, 7, 96), 1, dtype)
+    out, grads = _grads(lean_activations.swiglu, [gate, up])
+    ref_out, ref_grads = _grads(lambda g, u: activations.swiglu(g, u), [gate, up])
+    np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert all(
+        g.dtype == dtype
+        for g in mx.grad(lambda g, u: lean_activations.swiglu(g, u).sum(), argnums=(0, 1))(gate, up)
+    )
+
+
+@pytest.mark.parametrize("dtype, tol", [(mx.float32, 1e-5), (mx.bfloat16, 3e-2)])
+def test_rms_norm_equals_mlx_values_and_gradients(dtype, tol):
+    x, weight = _random((3, 5, 4, 32), 0, dtype) * 2, 1 + _random((32,), 1, dtype) * 0.1
+    out, grads = _grads(lambda a, w: lean_activations.rms_norm(a, w, 1e-5), [x, weight])
+    ref_out, ref_grads = _grads(lambda a, w: _RMS_NORM(a, w, 1e-5), [x, weight])
+    np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * abs(want).max())
+    plain = lean_activations.rms_norm(x, None, 1e-5).astype(mx.float32)  # no weight: MLX's own
+    np.testing.assert_array_equal(
+        np.array(plain), np.array(_RMS_NORM(x, None, 1e-5).astype(mx.float32))
+    )
+
+
+def test_tiles_cover_rows_and_heads_once(monkeypatch):
+    for tile_bytes, rows, kv_heads, scores in [
+        (2**30, 5, 4, 100),  # everything in one tile
+        (4 * 100 * 8, 5, 4, 100),  # two rows a tile
+        (4 * 100 * 3, 5, 4, 100),  # three heads a tile, within a row
+        (1, 3, 2, 100),  # smaller than one (row, head): one each
+    ]:
+        monkeypatch.setattr(lean_activations, "TILE_BYTES", tile_bytes)
+        tiles = lean_activations._tiles(rows, kv_heads, scores)
+        covered = [(r, h) for r0, r1, h0, h1 in tiles for r in range(r0, r1) for h in range(h0, h1)]
+        assert sorted(covered) == [(r, h) for r in range(rows) for h in range(kv_heads)]
+        per_tile = max(tile_bytes // (4 * scores), 1)
+        assert all((r1 - r0) * (h1 - h0) <= per_tile for r0, r1, h0, h1 in tiles)
+
+
+def _masks(rows, heads, length):
+    causal = np.tril(np.ones((length, length), dtype=bool))
+    padded = np.broadcast_to(causal, (rows, 1, length, length)).copy()
+    padded[1, :, :, :2] = False  # row 1 left-padded by two
+    padded[1, :, :2, 0] = True  # (the padding's own queries see something)
+    additive = np.where(padded, 0.0, -1e9).astype(np.float32)
+    per_head = np.broadcast_to(causal, (rows, heads, length, length)).copy()
+    per_head[:, 1::2, :, 1] = False
+    per_head[:, :, :2, 0] = True
+    return {
+        "none": None,
+        "causal": "causal",
+        "bool rows": mx.array(padded),
+        "additive rows": mx.array(additive),
+        "bool heads": mx.array(per_head),
+        "2d": mx.array(causal),
+    }
+
+
+@pytest.mark.parametrize("tile_bytes", [2**30, 4 * 2 * 9 * 9 * 2, 1])  # 1 tile; 2-head; (1, 1)
+@pytest.mark.parametrize(
+    "mask", ["none", "causal", "bool rows", "additive rows", "bool heads", "2d"]
+)
+def test_tiled_attention_equals_mlx(monkeypatch, tile_bytes, mask, on_cpu):
+    monkeypatch.setattr(lean_activations, "TILE_BYTES", tile_bytes)
+    rows, heads, kv_heads, length, dim = 3, 8, 4, 9, 16  # GQA: two query heads a KV head
+    mask_value = _masks(rows, heads, length)[mask]
+    q = _random((rows, heads, length, dim), 0)
+    k = _random((rows, kv_heads, length, dim), 1)
+    v = _random((rows, kv_heads, length, dim), 2)
+
+    def ours(q, k, v):
+        return lean_activations.attention(q, k, v, scale=0.25, mask=mask_value)
+
+    def mlx(q, k, v):
+        return _SDPA(q, k, v, scale=0.25, mask=mask_value)
+
+    out, grads = _grads(ours, [q, k, v])
+    ref_out, ref_grads = _grads(mlx, [q, k, v])
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_hands_what_it_cannot_tile_to_mlx():
+    q, k, v = _random((2, 4, 1, 8), 0), _random((2, 2, 5, 8), 1), _random((2, 2, 5, 8), 2)
+    np.testing.assert_array_equal(  # one query (decode): MLX's own
+        np.array(lean_activations.attention(q, k, v, scale=0.5)),
+        np.array(_SDPA(q, k, v, scale=0.5)),
+    )
+    q = _random((2, 4, 3, 8), 3)
+    sinks = _random((4,), 4)
+    np.testing.assert_array_equal(
+        np.array(lean_activations.attention(q, k[:, :, :3], v[:, :, :3], scale=0.5, sinks=sinks)),
+        np.array(_SDPA(q, k[:, :, :3], v[:, :, :3], scale=0.5, sinks=sinks)),
+    )
+
+
+def _block_peak(lean: bool) -> int:
+    """Peak memory over the resident arrays of one Qwen3 block's forward and backward pass
+    (8 rows x 64 tokens, float32)."""
+    config = dict(
+        model_type="qwen3", hidden_size=128, num_hidden_layers=1, intermediate_size=384,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+        vocab_size=64, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
+    )  # fmt: skip
+    mx.random.seed(0)
+    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    block = model.layers[0]
+    x, weights = _random((8, 64, 128), 1) * 0.1, _random((8, 64, 128), 2)
+    mx.eval(block.parameters(), x, weights)
+
+    def loss(params, x):
+        block.update(params)
+        return (block(x, "causal", None) * weights).sum()
+
+    gradient = mx.grad(loss, argnums=(0, 1))
+    with lean_activations.enabled(model, lean):
+        mx.eval(gradient(block.trainable_parameters(), x))  # warm-up (compiled kernels)
+        mx.synchronize()
+        resident = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(gradient(block.trainable_parameters(), x))
+        mx.synchronize()
+    return mx.get_peak_memory() - resident
+
+
+def test_a_block_backward_holds_less_with_lean_activations(on_cpu):
+    plain, lean = _block_peak(False), _block_peak(True)  # all three swapped on the CPU
+    assert lean < 0.85 * plain, (plain, lean)
+
+
+def test_enabled_swaps_mlx_lm_functions_for_the_block_only(tiny):
+    model, _ = tiny
+    assert qwen3.swiglu is activations.swiglu
+    with lean_activations.enabled(model):
+        assert qwen3.swiglu is lean_activations.swiglu
+        assert switch_layers.swiglu is activations.swiglu  # not one of this model's modules
+        unfused = mx.default_device() == mx.cpu or not mx.cuda.is_available()  # CPU, Metal
+        attention = lean_activations.attention if unfused else _SDPA
+        assert mx.fast.scaled_dot_product_attention is attention
+        on_cpu = mx.default_device() == mx.cpu
+        assert mx.fast.rms_norm is (lean_activations.rms_norm if on_cpu else _RMS_NORM)
+    assert qwen3.swiglu is activations.swiglu
+    assert mx.fast.scaled_dot_product_attention is _SDPA and mx.fast.rms_norm is _RMS_NORM
+    with lean_activations.enabled(model, on=False):
+        assert qwen3.swiglu is activations.swiglu
+        assert mx.fast.scaled_dot_product_attention is _SDPA and mx.fast.rms_norm is _RMS_NORM
+    for checkpointing in (True, "mlp"):  # the MLP is recomputed: swiglu stays mlx-lm's
+        with lean_activations.enabled(model, checkpointing=checkpointing):
+            assert qwen3.swiglu is activations.swiglu
+            assert mx.fast.scaled_dot_product_attention is attention
+    with pytest.raises(RuntimeError), lean_activations.enabled(model):
+        raise RuntimeError("restored on errors too")
+    assert qwen3.swiglu is activations.swiglu and mx.fast.scaled_dot_product_attention is _SDPA
+
+
+def _batch(tokenizer, rows=4, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [tokenizer.encode(t) for t in ["1+2=", "3+4=", "12+30=", "2+2="]][:rows]
+    completion = rng.integers(3, 20, size=(rows, 6))
+    mask = np.ones((rows, 6), dtype=np.float32)
+    mask[1, 4:] = 0  # a finished row
+    return RolloutBatch(
+        prompt_ids=prompts,
+        completion_ids=mx.array(completion, dtype=mx.int32),
+        completion_mask=mx.array(mask),
+        logprobs=mx.zeros((rows, 6)),
+        finish_reasons=["length", "stop", "length", "length"][:rows],
+        prompt_texts=[""] * rows,
+        texts=[""] * rows,
+        group_size=2,
+    )
+
+
+@pytest.mark.parametrize("model_name", ["tiny_qwen3", "tiny_qwen3_moe"])
+@pytest.mark.parametrize("tile_bytes", [2**30, 1])
+def test_update_with_lean_activations_equals_update_without(model_name, tile_bytes, monkeypatch):
+    from stages.load_weights import resolve_path
+
+    monkeypatch.setattr(lean_activations, "TILE_BYTES", tile_bytes)
+    path = resolve_path(f"builtin:{model_name}")
+    results = []
+    for lean in (False, True):
+        model, tokenizer = load(path, dtype="float32")
+        optimizer = optim.SGD(learning_rate=1.0)  # the update is the (clipped) gradient
+        advantages = mx.array([1.0, -1.0, 0.5, -0.5])
+        cfg = TrainConfig(lean_activations=lean, beta=0.04, micro_batch_size=2)
+        reference, _ = load(path, dtype="float32")
+        metrics = grpo_update.update_step(
+            model, optimizer, _batch(tokenizer), advantages, cfg, ref_model=reference
+        )
+        results.append((metrics, dict(tree_flatten(model.parameters()))))
+    (m0, p0), (m1, p1) = results
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5, abs=1e-7)
+    start = dict(tree_flatten(load(path, dtype="float32")[0].parameters()))
+    moved = 0
+    for name, value in p0.items():
+        before = np.array(start[name])
+        step, lean_step = np.array(value) - before, np.array(p1[name]) - before
+        rounding = 2 * np.spacing(np.abs(before).max())  # of `after - before` near 1 (norms)
+        np.testing.assert_allclose(
+            lean_step, step, rtol=1e-4, atol=rounding + 1e-5 * abs(step).max()
+        )
+        moved += bool(abs(step).max() > 0)
+    assert moved > len(p0) // 2  # the step trained
+
+
+def test_lean_activations_takes_a_bool():
+    TrainConfig(lean_activations=False).validate()
+    with pytest.raises(ValueError, match="lean_activations=.*true | false"):
+        TrainConfig(lean_activations="yes").validate()
