@@ -5,8 +5,10 @@ gradients need, or build large temporaries in it:
 
 - `swiglu(gate, up) = silu(gate) * up` (every Qwen3, Llama and Qwen3-MoE MLP): MLX's autograd
   keeps intermediates of the silu besides the gate and the up projection (about two more
-  intermediate-sized arrays a token, measured). `swiglu` here keeps only the gate and the up
-  projection and recomputes the sigmoid in its backward pass (elementwise, no matmul).
+  intermediate-sized arrays a token, measured; MLX does not compile inside a gradient, so
+  mlx-lm's compiled swiglu runs there as one kernel per operation). `swiglu` here keeps only the
+  gate and the up projection and recomputes the sigmoid in its backward pass (elementwise, no
+  matmul); on CUDA each way is one elementwise kernel (`mx.fast.cuda_kernel`, float32 inside).
 - `mx.fast.scaled_dot_product_attention` where MLX trains with its unfused attention (the CPU
   always; Metal, which routes training to the unfused kernels): the whole (rows, heads,
   queries, keys) score matrix is built at once and kept, and its backward builds several more
@@ -38,16 +40,82 @@ TILE_BYTES = 32 * 2**20  # float32 scores of one attention tile
 
 
 @mx.compile
-def _swiglu_forward(gate: mx.array, up: mx.array) -> mx.array:
+def _swiglu_forward_mlx(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
 
 
 @mx.compile
-def _swiglu_backward(gate: mx.array, up: mx.array, cotangent: mx.array):
+def _swiglu_backward_mlx(gate: mx.array, up: mx.array, cotangent: mx.array):
     sigmoid = mx.sigmoid(gate)
     silu = gate * sigmoid
     d_gate = cotangent * up * sigmoid * (1 + gate * (1 - sigmoid))
     return d_gate.astype(gate.dtype), (cotangent * silu).astype(up.dtype)
+
+
+# On CUDA, one elementwise kernel each way: MLX does not compile inside a gradient, so the MLX
+# operations above run one kernel per operation there (each writing an intermediate).
+_SWIGLU_FORWARD = """
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= gate_shape[0]) return;
+    const float g = static_cast<float>(gate[i]);
+    out[i] = static_cast<T>(g / (1.0f + expf(-g)) * static_cast<float>(up[i]));
+"""
+_SWIGLU_BACKWARD = """
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= gate_shape[0]) return;
+    const float g = static_cast<float>(gate[i]);
+    const float c = static_cast<float>(cotangent[i]);
+    const float s = 1.0f / (1.0f + expf(-g));
+    d_gate[i] = static_cast<T>(c * static_cast<float>(up[i]) * s * (1.0f + g * (1.0f - s)));
+    d_up[i] = static_cast<T>(c * g * s);
+"""
+_swiglu_kernels: dict[str, object] = {}
+
+
+def _cuda_elementwise(name: str, source: str, inputs: list[mx.array], outputs: int):
+    kernel = _swiglu_kernels.get(name)
+    if kernel is None:
+        names = ["gate", "up", "cotangent"][: len(inputs)]
+        kernel = _swiglu_kernels[name] = mx.fast.cuda_kernel(
+            name=name,
+            input_names=names,
+            output_names=["out"] if outputs == 1 else ["d_gate", "d_up"],
+            source=source,
+        )
+    flat = [a.reshape(-1) for a in inputs]
+    n = flat[0].size
+    results = kernel(
+        inputs=flat,
+        template=[("T", inputs[0].dtype)],
+        grid=(n, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(n,)] * outputs,
+        output_dtypes=[inputs[0].dtype] * outputs,
+    )
+    return [r.reshape(inputs[0].shape) for r in results]
+
+
+def _on_cuda(*arrays: mx.array) -> bool:
+    return (
+        mx.cuda.is_available()
+        and mx.default_device() == mx.gpu
+        and len({a.dtype for a in arrays}) == 1
+        and len({a.shape for a in arrays}) == 1
+    )
+
+
+def _swiglu_forward(gate: mx.array, up: mx.array) -> mx.array:
+    if _on_cuda(gate, up):
+        return _cuda_elementwise("grpo_swiglu_forward", _SWIGLU_FORWARD, [gate, up], 1)[0]
+    return _swiglu_forward_mlx(gate, up)
+
+
+def _swiglu_backward(gate: mx.array, up: mx.array, cotangent: mx.array):
+    if _on_cuda(gate, up, cotangent):
+        return tuple(
+            _cuda_elementwise("grpo_swiglu_backward", _SWIGLU_BACKWARD, [gate, up, cotangent], 2)
+        )
+    return _swiglu_backward_mlx(gate, up, cotangent)
 
 
 @mx.custom_function
@@ -200,9 +268,8 @@ def enabled(
     """Within the block, mlx-lm's swiglu in the modules that define `model`'s layers is
     `swiglu` above, mx.fast's attention is `attention` where MLX trains with unfused attention,
     and mx.fast's rms_norm is `rms_norm` on the CPU; all restored after. With gradient
-    `checkpointing` (true or "mlp") the MLP's activations are recomputed, not kept, so swiglu
-    stays mlx-lm's (its backward pass is faster: on an H200 the lean one cost 6-13% of a
-    checkpointed update's speed for 0.15 GB)."""
+    `checkpointing` (true or "mlp") the MLP's activations are recomputed, not kept, and swiglu
+    stays mlx-lm's (0.15 GB less on an H200 with the lean one, for no speed gain measured)."""
     if not on:
         yield model
         return

@@ -9,6 +9,7 @@ from stages.load_weights import load
 from stages.rollout import RolloutBatch
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -57,6 +58,21 @@ def test_swiglu_equals_mlx_lm_values_and_gradients(dtype, tol):
         g.dtype == dtype
         for g in mx.grad(lambda g, u: lean_activations.swiglu(g, u).sum(), argnums=(0, 1))(gate, up)
     )
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="needs an NVIDIA GPU (MLX's CUDA backend)")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_swiglu_runs_one_cuda_kernel_each_way(dtype):
+    lean_activations._swiglu_kernels.clear()
+    gate, up = _random((3, 7, 97), 0, dtype) * 3, _random((3, 7, 97), 1, dtype)  # 2037: odd
+    out, grads = _grads(lean_activations.swiglu, [gate, up])
+    assert set(lean_activations._swiglu_kernels) == {"grpo_swiglu_forward", "grpo_swiglu_backward"}
+    wide = [gate.astype(mx.float32), up.astype(mx.float32)]  # the kernels compute in float32
+    ref_out, ref_grads = _grads(lambda g, u: nn.silu(g) * u, wide)
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+    for got, want in zip(grads, ref_grads):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype, tol", [(mx.float32, 1e-5), (mx.bfloat16, 3e-2)])
@@ -242,6 +258,9 @@ def test_update_with_lean_activations_equals_update_without(model_name, tile_byt
         )
         results.append((metrics, dict(tree_flatten(model.parameters()))))
     (m0, p0), (m1, p1) = results
+    # On CUDA float32 matmuls and the experts' gradient sums round (and order) differently run
+    # to run: there the two updates agree to about 1e-3 of the largest step.
+    tol = 1e-4 if mx.default_device() == mx.cpu else 2e-2
     assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5, abs=1e-7)
     start = dict(tree_flatten(load(path, dtype="float32")[0].parameters()))
     moved = 0
@@ -250,7 +269,7 @@ def test_update_with_lean_activations_equals_update_without(model_name, tile_byt
         step, lean_step = np.array(value) - before, np.array(p1[name]) - before
         rounding = 2 * np.spacing(np.abs(before).max())  # of `after - before` near 1 (norms)
         np.testing.assert_allclose(
-            lean_step, step, rtol=1e-4, atol=rounding + 1e-5 * abs(step).max()
+            lean_step, step, rtol=tol, atol=rounding + tol / 10 * abs(step).max()
         )
         moved += bool(abs(step).max() > 0)
     assert moved > len(p0) // 2  # the step trained
