@@ -273,7 +273,7 @@ def enabled(
     if not on:
         yield model
         return
-    namespaces = {sys.modules[type(module).__module__] for _, module in model.named_modules()}
+    namespaces = {sys.modules.get(type(module).__module__) for _, module in model.named_modules()}
     patched = [
         ns
         for ns in namespaces
