@@ -24,6 +24,36 @@ def _random(shape, seed, dtype=mx.float32):
     return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
 
 
+@pytest.fixture(autouse=True)
+def lean_at_any_size(monkeypatch):
+    """The lean operations at these tests' small sizes too (MIN_ELEMENTS: below it, MLX's own)."""
+    monkeypatch.setattr(lean_activations, "MIN_ELEMENTS", 0)
+
+
+def test_small_inputs_take_mlx_own_operations(monkeypatch):
+    monkeypatch.setattr(lean_activations, "MIN_ELEMENTS", 1000)
+    lean = []
+    tiles, norm_with = lean_activations._tiles, lean_activations._rms_norm_with
+
+    def recorded(name, fn):
+        return lambda *args: lean.append(name) or fn(*args)
+
+    monkeypatch.setattr(lean_activations, "_lean_swiglu", recorded("swiglu", activations.swiglu))
+    monkeypatch.setattr(lean_activations, "_rms_norm_with", recorded("norm", norm_with))
+    monkeypatch.setattr(lean_activations, "_tiles", recorded("attention", tiles))
+    small, weight = _random((4, 249), 0), mx.ones((249,))  # 996 elements
+    lean_activations.swiglu(small, small)
+    lean_activations.rms_norm(small, weight, 1e-5)
+    q, kv = _random((1, 2, 15, 8), 2), _random((1, 2, 33, 8), 3)  # 990 scores
+    lean_activations.attention(q, kv, kv, scale=0.3)
+    assert lean == []
+    large, weight = _random((4, 250), 0), mx.ones((250,))  # 1000
+    lean_activations.swiglu(large, large)
+    lean_activations.rms_norm(large, weight, 1e-5)
+    lean_activations.attention(_random((1, 2, 16, 8), 2), kv, kv, scale=0.3)  # 1056 scores
+    assert lean == ["swiglu", "norm", "attention"]
+
+
 @pytest.fixture
 def on_cpu():
     """The test on the CPU device, where the tiled attention and rms_norm are used (on a CUDA
