@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from stages import logprob_kernels
 from stages.entropy import token_entropy
 from stages.grad_checkpoint import wrapped_calls
 
@@ -329,29 +330,6 @@ class TiedInputGradient:
         return grads
 
 
-@mx.compile
-def _block_stats(logits: mx.array, temperature: mx.array, local_ids: mx.array) -> mx.array:
-    """One vocabulary block's share of each row's log-prob and entropy, (4, R): the block max
-    m, sum exp(z - m), sum exp(z - m) z, and the chosen token's z where it is in the block;
-    z = logits / temperature in float32."""
-    z = logits.astype(mx.float32) / temperature
-    width = z.shape[1]
-    inside = (local_ids >= 0) & (local_ids < width)
-    picked = mx.take_along_axis(z, mx.clip(local_ids, 0, width - 1)[:, None], axis=-1)[:, 0]
-    top = z.max(axis=-1)
-    weights = mx.exp(z - top[:, None])
-    return mx.stack([top, weights.sum(-1), (weights * z).sum(-1), mx.where(inside, picked, 0.0)])
-
-
-@mx.compile
-def _block_grad(logits, temperature, local_ids, normaliser, grad) -> mx.array:
-    """d loss / d logits of one block, (R, width): grad_r (onehot - softmax) / temperature."""
-    z = logits.astype(mx.float32) / temperature
-    probs = mx.exp(z - normaliser[:, None])
-    chosen = mx.arange(z.shape[1])[None, :] == local_ids[:, None]
-    return (grad / temperature)[:, None] * (chosen.astype(mx.float32) - probs)
-
-
 def _combine(stats: list[mx.array]) -> tuple[mx.array, mx.array, mx.array]:
     """(log-probs, entropies, log-normalisers), each (R,), from the blocks' stats."""
     stats = mx.stack(stats)  # (blocks, 4, R)
@@ -374,7 +352,11 @@ def _head_logprobs(head: _Head, temperature: float, block: int, stages: StagedEv
     def forward(hidden, ids, *arrays):
         stats = []
         for start, stop in spans:
-            stats.append(_block_stats(head.logits(arrays, hidden, start, stop), tau, ids - start))
+            stats.append(
+                logprob_kernels.block_stats(
+                    head.logits(arrays, hidden, start, stop), tau, ids - start
+                )
+            )
             if stages is None:
                 mx.eval(stats[-1])
             else:
@@ -394,14 +376,17 @@ def _head_logprobs(head: _Head, temperature: float, block: int, stages: StagedEv
         d_weight = mx.zeros_like(arrays[0]) if head.trainable else None
         for start, stop in spans:
             logits = head.logits(arrays, hidden, start, stop)
-            d_logits = _block_grad(logits, tau, ids - start, normaliser, grad).astype(logits.dtype)
+            d_logits = logprob_kernels.block_grad(logits, tau, ids - start, normaliser, grad)
             part = head.back(arrays, d_logits, start, stop)
             d_hidden = part if d_hidden is None else d_hidden + part
             if d_weight is not None:
-                # In place: the previous block's array is not referenced once this one is built.
-                rows = (d_logits.T @ hidden).astype(d_weight.dtype)
-                d_weight = mx.slice_update(d_weight, rows, mx.array([start]), axes=(0,))
-                stages.add(d_weight, d_hidden, serial=True)
+                # In place: a (static) slice update of an array nothing else holds once the
+                # previous part is evaluated; the part gets this version of it (a new node),
+                # since setting a slice rebinds `d_weight` itself. (Not `mx.slice_update`: its
+                # CUDA kernel runs a thread per element of the whole (V, D) matrix, 0.56 ms a
+                # block on an H200.)
+                d_weight[start:stop] = (d_logits.T @ hidden).astype(d_weight.dtype)
+                stages.add(mx.stop_gradient(d_weight), d_hidden, serial=True)
             else:
                 stages.add(d_hidden)
         frozen = [mx.zeros_like(a) for a in arrays]  # never evaluated: nothing asks for them

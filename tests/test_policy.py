@@ -19,6 +19,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+# Float32 throughout; on CUDA MLX's float32 matmuls run on TF32 tensor cores (10 mantissa bits),
+# and the blocked and unchunked heads multiply in different shapes: 1e-5 holds on the CPU and
+# Metal, not there.
+REL = 2e-3 if mx.cuda.is_available() else 1e-5
+
 
 def _relative(got, want) -> float:
     """max |got - want| / max |want|, over the whole tensor."""
@@ -47,8 +52,8 @@ def test_blocked_logprobs_and_entropies_equal_the_unchunked_ones(tiny, block):
     want_lp, want_entropy = _unchunked(model, packed, 1.3)
     got_lp, got_entropy = policy.completion_logprobs(model, packed, 1.3, block=block)
     assert got_lp.shape == want_lp.shape == packed.completion_ids.shape
-    assert _relative(got_lp, want_lp) < 1e-5
-    assert _relative(got_entropy, want_entropy) < 1e-5
+    assert _relative(got_lp, want_lp) < REL
+    assert _relative(got_entropy, want_entropy) < REL
 
 
 @pytest.mark.parametrize("block", [None, 5])
@@ -69,11 +74,11 @@ def test_blocked_gradient_equals_the_unchunked_one(tiny, block):
     got_value, got = nn.value_and_grad(model, blocked)(model, stages)
     stages.run()
     mx.eval(got_value, got)
-    assert abs(got_value.item() - want_value.item()) <= 1e-5 * abs(want_value.item())
+    assert abs(got_value.item() - want_value.item()) <= REL * abs(want_value.item())
     want, got = dict(tree_flatten(want)), dict(tree_flatten(got))
     assert set(got) == set(want)
     for name in want:  # the tied embedding gets both its input and its head gradient
-        assert _relative(got[name], want[name]) < 1e-5, name
+        assert _relative(got[name], want[name]) < REL, name
 
 
 class _Recording(optim.SGD):
@@ -118,12 +123,12 @@ def test_update_with_the_blocked_head_equals_the_unchunked_update(
     got_grads, got = _update(tiny_path, cfg, monkeypatch, blocked)
     # cispo and vespo losses are sums of advantage x log-prob whose terms cancel (advantages
     # are zero-mean per group): their float32 rounding is absolute, of the size of the terms.
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
-    assert got["entropy"] == pytest.approx(want["entropy"], rel=1e-5)
-    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert got["loss"] == pytest.approx(want["loss"], rel=REL, abs=1e-6)
+    assert got["entropy"] == pytest.approx(want["entropy"], rel=REL)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=REL)
     assert max(float(np.abs(np.array(v)).max()) for v in want_grads.values()) > 1e-4
     for name, value in want_grads.items():
-        assert _relative(got_grads[name], value) < 1e-5, name
+        assert _relative(got_grads[name], value) < REL, name
 
 
 @pytest.mark.parametrize("tile", [8, 128])
@@ -153,10 +158,10 @@ def test_padding_the_forward_to_the_attention_tile_changes_nothing(tiny, tile, m
         mx.eval(value, entropies, grads)
         results[name] = (value.item(), entropies, dict(tree_flatten(grads)))
     (want, want_entropy, want_grads), (got, got_entropy, got_grads) = results.values()
-    assert abs(got - want) <= 1e-5 * abs(want)
-    assert _relative(got_entropy, want_entropy) < 1e-5
+    assert abs(got - want) <= REL * abs(want)
+    assert _relative(got_entropy, want_entropy) < REL
     for name in want_grads:
-        assert _relative(got_grads[name], want_grads[name]) < 1e-5, name
+        assert _relative(got_grads[name], want_grads[name]) < REL, name
 
 
 def test_the_tied_embedding_gradient_is_autograds_sum(tiny_path, monkeypatch):
