@@ -582,7 +582,8 @@ def _update_step(
     for _ in range(cfg.num_iterations):
         for rows in step_rows:
             chunks = chunks_of(rows)
-            grads, step_loss = None, 0.0
+            grads, chunk_results = None, []
+            learning_rate = optimizer.learning_rate.item()  # this step's, before it is taken
             for chunk in chunks:
                 share = rule.micro_batch_weight(chunk.size, len(rows), len(chunks))
                 chunk_packed = take_rows(packed, chunk)
@@ -611,11 +612,33 @@ def _update_step(
                 if grads is not None:
                     chunk_grads = tree_map(lambda a, b: a + b, grads, chunk_grads)
                 grads = chunk_grads
-                # the backward, last block first, each with its input's gradient
-                eval_by_block(grads, reverse=True, alongside=stages.input_grads)
-                mx.eval(loss, metrics, forward_logprobs)
+                # The backward, last block first, each with its input's gradient. Its last
+                # blocks are left in flight (two parts in flight): the host builds the next
+                # micro-batch's graph meanwhile, and reads the metrics after the step.
+                pipelined = PIPELINED and StagedEval.in_flight >= 2
+                eval_by_block(grads, reverse=True, alongside=stages.input_grads, wait=not pipelined)
+                (mx.async_eval if pipelined else mx.eval)(loss, metrics, forward_logprobs)
+                chunk_results.append((loss, metrics, chunk_packed.loss_mask))
+            if world.size > 1:
+                grads = nn.utils.average_gradients(grads, group=world.group)
+            grad_norm, scale = global_norm(grads), None
+            if cfg.max_grad_norm > 0:
+                # optim.clip_grad_norm's scale, applied inside FusedAdamW's kernels: no scaled
+                # copy of the gradients is held.
+                scale = mx.minimum(cfg.max_grad_norm / (grad_norm + 1e-6), 1.0)
+            if isinstance(optimizer, FusedAdamW):
+                optimizer.update(model, grads, gradient_scale=scale)
+            else:
+                if scale is not None:
+                    grads = tree_map(lambda g, s=scale: (g * s).astype(g.dtype), grads)
+                optimizer.update(model, grads)
+            # The parameters first, then the moments: each evaluation can then write over the
+            # arrays it replaces (FusedAdamW).
+            eval_by_block(model.parameters())
+            eval_by_block(optimizer.state)
+            step_loss = 0.0
+            for loss, metrics, mask in chunk_results:
                 step_loss += loss.item()
-                mask = chunk_packed.loss_mask
                 per_chunk.append(
                     {
                         name: (
@@ -627,24 +650,6 @@ def _update_step(
                         for name, value in metrics.items()
                     }
                 )
-            if world.size > 1:
-                grads = nn.utils.average_gradients(grads, group=world.group)
-            grad_norm, scale = global_norm(grads), None
-            if cfg.max_grad_norm > 0:
-                # optim.clip_grad_norm's scale, applied inside FusedAdamW's kernels: no scaled
-                # copy of the gradients is held.
-                scale = mx.minimum(cfg.max_grad_norm / (grad_norm + 1e-6), 1.0)
-            learning_rate = optimizer.learning_rate.item()
-            if isinstance(optimizer, FusedAdamW):
-                optimizer.update(model, grads, gradient_scale=scale)
-            else:
-                if scale is not None:
-                    grads = tree_map(lambda g, s=scale: (g * s).astype(g.dtype), grads)
-                optimizer.update(model, grads)
-            # The parameters first, then the moments: each evaluation can then write over the
-            # arrays it replaces (FusedAdamW).
-            eval_by_block(model.parameters())
-            eval_by_block(optimizer.state)
             steps.append(
                 {"loss": step_loss, "grad_norm": grad_norm.item(), "learning_rate": learning_rate}
             )
@@ -665,9 +670,14 @@ def _update_step(
 
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Micro-batches overlap: the host builds one's graph while the GPU finishes the last one's
+# backward (with two parts in flight, StagedEval.in_flight).
+PIPELINED = True
 
 
-def eval_by_block(tree, *, reverse: bool = False, alongside: dict | None = None) -> None:
+def eval_by_block(
+    tree, *, reverse: bool = False, alongside: dict | None = None, wait: bool = True
+) -> None:
     """Evaluate a tree of arrays named like a model's parameters (gradients, or parameters with
     optimizer state) one transformer block at a time, then the rest; `reverse`: last block
     first, the order of the backward pass. At most two blocks are in flight: on a GPU, MLX
@@ -675,7 +685,8 @@ def eval_by_block(tree, *, reverse: bool = False, alongside: dict | None = None)
     backward (or of AdamW's update) would hold the temporaries of every block at once.
     `alongside` (block -> array, emptied as it goes): evaluated with that block's arrays (the
     gradient of each block's input, StagedEval.input_grads: block i's activations are then
-    released with block i, not with block i - 1)."""
+    released with block i, not with block i - 1). `wait=False`: the last evaluations are left
+    in flight (`mx.async_eval`) instead of waited for."""
     blocks: dict[int, list] = {}
     rest = []
     for name, value in tree_flatten(tree):
@@ -696,7 +707,7 @@ def eval_by_block(tree, *, reverse: bool = False, alongside: dict | None = None)
         if previous is not None:
             mx.eval(previous)
         previous = group
-    mx.eval(rest, previous or [])
+    (mx.eval if wait else mx.async_eval)(rest, previous or [])
 
 
 # Squares of at most this many gradient values at a time (64 MiB of float32) in global_norm.
