@@ -259,28 +259,53 @@ class FusedAdamW(optim.AdamW):
     Uncompiled, AdamW's update of one array is about a dozen elementwise operations, each with
     an output the size of the array: for the 155M-value embedding of Qwen3-0.6B that is GBs of
     temporaries (on a GPU, MLX allocates an evaluation's outputs when it encodes it) and a dozen
-    dispatches per array. Here AdamW's arithmetic (`optim.AdamW.apply_single`, the same
-    expressions in the same order) is compiled three times: for the new parameter, the new
-    first moment and the new second moment. Each is one kernel that reads its inputs once, and
-    MLX gives its outputs the buffers of inputs no one else holds, so evaluating the parameters
-    first and the moments after (`_update_step`) updates all three in place. (One compiled
-    function for all three would not: an output that another output reads splits the fusion
-    and keeps both.) The scalar factors (weight decay, the bias corrections' powers of the
-    betas, the learning rate) are computed once per step and dtype and go in as inputs: inside a
-    compiled kernel MLX computes a scalar subexpression once per element (the powers made the
-    CPU's kernel 6x slower), and a schedule never retraces. Bit-identical to the plain update on
-    CPU; on CUDA the fused kernel may contract multiply-adds (last bits). Without a compiler for
-    MLX's CPU kernels (no g++, c++ or clang++), or without bias correction, the plain update
-    runs.
+    dispatches per array. Here AdamW's arithmetic is compiled three times: for the new
+    parameter, the new first moment and the new second moment. Each is one kernel that reads its
+    inputs once, and MLX gives its outputs the buffers of inputs no one else holds, so evaluating
+    the parameters first and the moments after (`_update_step`) updates all three in place. (One
+    compiled function for all three would not: an output that another output reads splits the
+    fusion and keeps both.) The learning rate and step go in as inputs, so a schedule never
+    retraces. Bit-identical to the plain update on CPU; on CUDA the fused kernel may contract
+    multiply-adds (last bits). Without a compiler for MLX's CPU kernels (no g++, c++ or
+    clang++) the plain update runs.
+
+    Two forms of the same arithmetic. On a GPU the kernels are `optim.AdamW.apply_single`
+    traced (`_traced`), with the learning rate and step as inputs: tested in place on an H200.
+    On the CPU (`SCALARS_OUTSIDE`) the step's scalar factors (weight decay, the bias
+    corrections' powers of the betas) are computed once per step and dtype and passed in, the
+    same expressions in the same order (bit-identical): inside a compiled kernel MLX computes a
+    scalar subexpression once per element, and the powers made the CPU's kernel 7x slower
+    (benchmarks/adamw.py). On CUDA that form measured one parameter-sized buffer more per
+    moment at the update's peak (H200, tests/test_grpo_update.py), where the powers cost little.
 
     `update(model, gradients, gradient_scale=s)` applies the gradients multiplied by `s` (global
     norm clipping, as optim.clip_grad_norm scales them) inside the same kernels: the scaled
     gradients, one more copy of every gradient held between the two evaluations, never exist.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, scalars_outside: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        compiles = _can_compile() and self.bias_correction
+        compiles = _can_compile()
+        self.scalars_outside = (
+            mx.default_device() == mx.cpu if scalars_outside is None else scalars_outside
+        ) and self.bias_correction
+        self._gradient_scale = None
+        self._scalars: dict = {}  # dtype -> this step's (decay, c1, c2), scalars_outside
+        if not compiles:
+            self._new_parameter, self._new_moments = None, {}
+        elif self.scalars_outside:
+            self._new_parameter, self._new_moments = self._scalar_kernels()
+        else:
+            self._new_parameter = mx.compile(lambda *a: self._traced(*a)[0])
+            # One kernel per moment: one kernel for both would keep the scaled gradient (read
+            # by both) as an array of its own.
+            self._new_moments = {
+                key: mx.compile(lambda *a, key=key: self._traced(*a)[1][key]) for key in ("m", "v")
+            }
+
+    def _scalar_kernels(self):
+        """The CPU's kernels: Adam's and AdamW's apply_single with the step's scalars as
+        inputs (new parameter; each moment reading only its own moment)."""
         b1, b2 = self.betas
         eps = self.eps
 
@@ -299,13 +324,7 @@ class FusedAdamW(optim.AdamW):
             m, v = new_m(gradient, m, *scale), new_v(gradient, v, *scale)
             return parameter * decay - (c1 * m) / (mx.sqrt(v) * c2 + eps)
 
-        self._new_parameter = mx.compile(new_parameter) if compiles else None
-        # One kernel per moment, each reading only its own moment (so that the old one's buffer
-        # takes the new one): one kernel for both would keep the scaled gradient (read by both)
-        # as an array of its own.
-        self._new_moments = {"m": mx.compile(new_m), "v": mx.compile(new_v)} if compiles else {}
-        self._gradient_scale = None
-        self._scalars: dict = {}  # dtype -> this step's (decay, c1, c2)
+        return mx.compile(new_parameter), {"m": mx.compile(new_m), "v": mx.compile(new_v)}
 
     def update(self, model: nn.Module, gradients: dict, gradient_scale: mx.array | None = None):
         """optim.Optimizer.update; `gradient_scale`: use gradients x gradient_scale."""
@@ -336,17 +355,41 @@ class FusedAdamW(optim.AdamW):
             )
         return self._scalars[dtype]
 
+    def _traced(self, gradient, parameter, state, learning_rate, step, *scale):
+        if scale:  # optim.clip_grad_norm's scaling, cast back as it does
+            gradient = (gradient * scale[0]).astype(gradient.dtype)
+        saved = self.state["learning_rate"], self.state["step"]
+        self.state["learning_rate"], self.state["step"] = learning_rate, step
+        try:
+            state = dict(state)
+            parameter = super().apply_single(gradient, parameter, state)
+        finally:
+            self.state["learning_rate"], self.state["step"] = saved
+        return parameter, state
+
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         scale = () if self._gradient_scale is None else (self._gradient_scale,)
         if self._new_parameter is None:
             if scale:
                 gradient = (gradient * scale[0]).astype(gradient.dtype)
             return super().apply_single(gradient, parameter, state)
-        m, v = state["m"], state["v"]
-        decay, c1, c2 = self._step_scalars(gradient.dtype)
-        new_parameter = self._new_parameter(gradient, parameter, m, v, decay, c1, c2, *scale)
-        moments = self._new_moments
-        state.update({key: new(gradient, state[key], *scale) for key, new in moments.items()})
+        if self.scalars_outside:
+            m, v = state["m"], state["v"]
+            decay, c1, c2 = self._step_scalars(gradient.dtype)
+            new_parameter = self._new_parameter(gradient, parameter, m, v, decay, c1, c2, *scale)
+            moments = self._new_moments
+            state.update({key: new(gradient, state[key], *scale) for key, new in moments.items()})
+            return new_parameter
+        lr, step = self.state["learning_rate"], self.state["step"]
+        new_parameter = self._new_parameter(gradient, parameter, state, lr, step, *scale)
+        # The moments do not read the parameter: a scalar stands in for it, so that the old
+        # parameter is not held by the moments' graph and its buffer takes the new one.
+        stand_in = mx.zeros((), dtype=parameter.dtype)
+        moments = {
+            key: new_moment(gradient, stand_in, state, lr, step, *scale)
+            for key, new_moment in self._new_moments.items()
+        }
+        state.update(moments)
         return new_parameter
 
 

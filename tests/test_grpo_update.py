@@ -578,8 +578,26 @@ def test_micro_batch_size_auto_is_checked_and_planned_first(tiny):
         )
 
 
+@pytest.fixture(params=[True, False], ids=["scalars-outside", "traced"])
+def adamw_form(request, monkeypatch):
+    """make_optimizer's FusedAdamW in each of its two forms (the CPU's default: the step's
+    scalars passed in; a GPU's: AdamW.apply_single traced)."""
+
+    class Form(grpo_update.FusedAdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, scalars_outside=request.param, **kwargs)
+
+    monkeypatch.setattr(grpo_update, "FusedAdamW", Form)
+    return request.param
+
+
+def test_the_cpu_passes_the_scalars_in():
+    optimizer = grpo_update.make_optimizer(1e-3)
+    assert optimizer.scalars_outside == (mx.default_device() == mx.cpu)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_fused_adamw_is_mlx_adamw(dtype, monkeypatch):
+def test_fused_adamw_is_mlx_adamw(dtype, monkeypatch, adamw_form):
     """The compiled per-array update gives MLX AdamW's numbers through a warmup and cosine
     schedule (the learning rate changes every step without a retrace) and weight decay: bit for
     bit on CPU; on a GPU the fused kernel may contract multiply-adds, so within a few units of
@@ -630,7 +648,7 @@ def test_fused_adamw_is_mlx_adamw(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_fused_adamw_scales_the_gradients_as_clip_grad_norm(dtype):
+def test_fused_adamw_scales_the_gradients_as_clip_grad_norm(dtype, adamw_form):
     """update(..., gradient_scale=s) inside the compiled kernels gives MLX AdamW applied to
     optim.clip_grad_norm's clipped gradients (bit for bit on CPU)."""
     optimizer = grpo_update.make_optimizer(1e-3, weight_decay=0.1)
@@ -656,7 +674,8 @@ def test_fused_adamw_scales_the_gradients_as_clip_grad_norm(dtype):
 
 def test_a_clipped_update_writes_in_place():
     """The parameters, then the moments, updated in place with clipping: no gradient-sized
-    copy (the scaled gradients) is held between the two evaluations."""
+    copy (the scaled gradients) is held between the two evaluations. (The device's own form of
+    FusedAdamW: on an H200 the CPU's form held one more buffer per moment.)"""
     optimizer = grpo_update.make_optimizer(1e-3)
     model = nn.Linear(1024, 1024, bias=False)  # 4 MiB of float32
     size = model.weight.nbytes
