@@ -98,7 +98,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--gradient-checkpointing",
-        choices=("false", "true", "mlp"),
+        choices=("false", "true", "mlp", "elementwise"),
         default="false",
         help="train.gradient_checkpointing for the update (memory; same work)",
     )
@@ -127,7 +127,9 @@ def main() -> None:
     ][world.rank * args.prompts : (world.rank + 1) * args.prompts]
     local_rows = args.prompts * args.group_size
     optimizer = grpo_update.make_optimizer(1e-6)
-    checkpointing = {"false": False, "true": True, "mlp": "mlp"}[args.gradient_checkpointing]
+    checkpointing = {"false": False, "true": True}.get(
+        args.gradient_checkpointing, args.gradient_checkpointing
+    )
     update_cfg = grpo_update.TrainConfig(
         loss_type="dapo",
         beta=0.0,

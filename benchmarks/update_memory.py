@@ -1,5 +1,6 @@
 """Peak memory and throughput of one GRPO update step: full fine-tune vs LoRA, with and without
-gradient checkpointing (of whole blocks, or of the MLPs only), side by side in one process.
+gradient checkpointing (of whole blocks, of the MLPs only, or of the elementwise outputs the linear
+layers take), side by side in one process.
 
     ./dev python benchmarks/update_memory.py                 # GPU: 16 x 512 tokens, 28 blocks
     ./dev python benchmarks/update_memory.py --layers 4 --rows 4 --seq-len 128   # CPU-sized
@@ -113,6 +114,7 @@ def run_variant(args, use_lora: bool, checkpointing: bool | str, lean: bool = Tr
 VARIANTS = {  # name: (LoRA, gradient_checkpointing)
     "full": (False, False),
     "full + mlp ckpt": (False, "mlp"),
+    "full + elementwise": (False, "elementwise"),
     "full + ckpt": (False, True),
     "lora": (True, False),
     "lora + ckpt": (True, True),

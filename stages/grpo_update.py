@@ -146,7 +146,9 @@ class TrainConfig:
         False,
         "true: recompute each block's activations in the backward (least memory, about one "
         "more forward); mlp: recompute only each block's MLP (about 40% less activation "
-        "memory, about 60% of true's extra compute); false: keep them",
+        "memory, about 60% of true's extra compute); elementwise: recompute only the norms' "
+        "and the swiglu's outputs the linear layers take (no matmul; about 20% less activation "
+        "memory, needs lean_activations); false: keep them",
     )
     lean_activations: bool = setting(
         True,
@@ -162,10 +164,17 @@ class TrainConfig:
         check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
         one_of("lr_schedule", self.lr_schedule, SCHEDULES)
         check(
-            isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "mlp",
+            isinstance(self.gradient_checkpointing, bool)
+            or self.gradient_checkpointing in ("mlp", "elementwise"),
             "gradient_checkpointing",
             self.gradient_checkpointing,
-            "true | false | mlp",
+            "true | false | mlp | elementwise",
+        )
+        check(
+            self.lean_activations or self.gradient_checkpointing != "elementwise",
+            "gradient_checkpointing",
+            self.gradient_checkpointing,
+            "elementwise needs train.lean_activations=true",
         )
         check(
             isinstance(self.lean_activations, bool),
@@ -548,7 +557,8 @@ def update_step(
     reference is its base (adapters switched off, stages.lora.adapters_disabled).
     With cfg.gradient_checkpointing, every block's activations are recomputed in the backward
     ("mlp": each block's MLP activations only), and the staged evaluation keeps one part in
-    flight (StagedEval.parts_in_flight).
+    flight (StagedEval.parts_in_flight); "elementwise" recomputes no matmul
+    (stages.lean_activations) and keeps the parts in flight as they are.
 
     world (data parallel): `batch` is this rank's equal share of the generation batch. dapo's
     token count is summed over ranks, each loss is scaled so that the average of the ranks'
@@ -564,9 +574,10 @@ def update_step(
     try:
         # Checkpointing is asked for to save memory: one part in flight (a lower peak that
         # does not move with the host's timing, for some speed).
-        parts = 1 if cfg.gradient_checkpointing else StagedEval.in_flight
+        recompute = cfg.gradient_checkpointing in (True, "mlp")
+        parts = 1 if recompute else StagedEval.in_flight
         with (
-            grad_checkpoint.enabled(model, cfg.gradient_checkpointing),
+            grad_checkpoint.enabled(model, cfg.gradient_checkpointing if recompute else False),
             lean_activations.enabled(
                 model, cfg.lean_activations, checkpointing=cfg.gradient_checkpointing
             ),

@@ -18,7 +18,18 @@ gradients need, or build large temporaries in it:
   one tile after another. On CUDA MLX's attention backward is fused (cuDNN): left alone.
 - `mx.fast.rms_norm` on the CPU, where MLX computes it as a composite of operations and keeps
   their intermediates: `rms_norm` here keeps only its input and weight (on a GPU MLX's own
-  kernel and backward already do: left alone).
+  kernel and backward already do: the one used there).
+
+With `gradient_checkpointing: elementwise`, also the linear layers fed by a norm (the
+attention's query, key and value projections, the MLP's gate and up projections) or by the
+swiglu (the MLP's down projection): MLX keeps each matmul's input for its weight gradient, so a
+block keeps the normed inputs beside the norms' own inputs, and the swiglu's product beside the
+gate and the up projection (5k of a Qwen3-0.6B block's 22.5k values a token). A trainable
+`nn.Linear` called on the output of `rms_norm` or `swiglu` here (the same array object, the last
+one made) recomputes that output in its backward pass (elementwise; no matmul is recomputed), so
+only the operation's inputs are kept: 2.1 GB less for the full fine-tune at 16 x 512 on an H200,
+for 2-5% of the update's speed (benchmarks/RESULTS.md). Not the default: on the CPU it costs
+more (the norms are composites of operations there).
 
 `enabled(model)` swaps them in for the duration of the block (the update's gradient pass); the
 rollout runs mlx-lm's own. Values and gradients equal MLX's within rounding
@@ -31,6 +42,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, partial
+
+from stages.grad_checkpoint import wrapped_calls
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -138,7 +151,7 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     mlx-lm's own)."""
     if gate.size < MIN_ELEMENTS:
         return activations.swiglu(gate, up)
-    return _lean_swiglu(gate, up)
+    return _recorded(_lean_swiglu(gate, up), _lean_swiglu, (gate, up))
 
 
 _SDPA = mx.fast.scaled_dot_product_attention  # MLX's own, called tile by tile
@@ -260,13 +273,76 @@ def _rms_norm_with(eps: float):
     return norm
 
 
+@cache
+def _mlx_rms_norm(eps: float):
+    return lambda x, weight: _RMS_NORM(x, weight, eps)
+
+
 def rms_norm(x, weight, eps):
     """mx.fast.rms_norm keeping only `x` and `weight` for the backward pass (on the CPU MLX's
-    rms_norm is its composite of operations, each intermediate kept); below MIN_ELEMENTS, and
-    without a weight, MLX's own."""
+    rms_norm is its composite of operations, each intermediate kept; on a GPU, MLX's own),
+    recorded for the linear layers it feeds (`_linear_call`); below MIN_ELEMENTS, and without a
+    weight, MLX's own."""
     if weight is None or x.size < MIN_ELEMENTS:
         return _RMS_NORM(x, weight, eps)
-    return _rms_norm_with(float(eps))(x, weight)
+    norm = (_rms_norm_with if mx.default_device() == mx.cpu else _mlx_rms_norm)(float(eps))
+    return _recorded(norm(x, weight), norm, (x, weight))
+
+
+# With gradient_checkpointing "elementwise" (`_recording`), the last output of `rms_norm` or
+# `swiglu` above with what made it: (output, function, inputs).
+_recent: list[tuple | None] = [None]
+_recording = [False]
+
+
+def _recorded(output: mx.array, function, inputs: tuple) -> mx.array:
+    if _recording[0]:
+        _recent[0] = (output, function, inputs)
+    return output
+
+
+@cache
+def _linear_of(function, inputs: int, bias: bool):
+    """An nn.Linear's matmul (with its bias or not) on `y = function(*sources)`, called as
+    `linear(y, *sources, weight[, bias])` with the sources behind `mx.stop_gradient`: its
+    backward recomputes `y` from the sources for the weight's gradient (elementwise; the matmul
+    is not recomputed) and hands `y` its cotangent, so autograd runs `function`'s own backward
+    once for all of `y`'s consumers and nothing keeps `y`."""
+
+    def matmul(x, weight, *bias_):
+        return mx.addmm(bias_[0], x, weight.T) if bias_ else x @ weight.T
+
+    @mx.custom_function
+    def linear(y, *args):
+        return matmul(y, *args[inputs:])
+
+    @linear.vjp
+    def linear_vjp(primals, cotangent, output):
+        sources, params = primals[1 : 1 + inputs], primals[1 + inputs :]
+        # Recomputed once the cotangent is there, not ahead of the backward pass (it depends
+        # on the sources only, which the forward made).
+        sources = mx.depends(list(sources), [cotangent])
+        _, (d_y, *d_params) = mx.vjp(matmul, [function(*sources), *params], [cotangent])
+        return (d_y, *[mx.zeros_like(a) for a in sources], *d_params)
+
+    return linear
+
+
+def _linear_call(call):
+    """nn.Linear.__call__ for the update: a trainable layer called on the output of `rms_norm`
+    or `swiglu` (the same array object, the last one made) is `_linear_of` that operation;
+    anything else is `call`."""
+
+    def lean_linear(self, x):
+        recent = _recent[0]
+        if recent is None or x is not recent[0] or "weight" not in self.trainable_parameters():
+            return call(self, x)
+        _, function, inputs = recent
+        params = [self["weight"]] + ([self["bias"]] if "bias" in self else [])
+        sources = [mx.stop_gradient(a) for a in inputs]
+        return _linear_of(function, len(inputs), len(params) == 2)(x, *sources, *params)
+
+    return lean_linear
 
 
 def _trains_unfused() -> bool:
@@ -280,9 +356,11 @@ def enabled(
 ) -> Iterator[nn.Module]:
     """Within the block, mlx-lm's swiglu in the modules that define `model`'s layers is
     `swiglu` above, mx.fast's attention is `attention` where MLX trains with unfused attention,
-    and mx.fast's rms_norm is `rms_norm` on the CPU; all restored after. With gradient
-    `checkpointing` (true or "mlp") the MLP's activations are recomputed, not kept, and swiglu
-    stays mlx-lm's (0.15 GB less on an H200 with the lean one, for no speed gain measured)."""
+    mx.fast's rms_norm is `rms_norm` on the CPU (and with "elementwise" below); all restored
+    after.
+    With gradient `checkpointing` (true or "mlp") the MLP's activations are recomputed, not
+    kept, and swiglu stays mlx-lm's (0.15 GB less on an H200 with the lean one, for no speed
+    gain measured); with "elementwise" nn.Linear's call is `_linear_call`'s."""
     if not on:
         yield model
         return
@@ -290,7 +368,8 @@ def enabled(
     patched = [
         ns
         for ns in namespaces
-        if not checkpointing and getattr(ns, "swiglu", None) is activations.swiglu
+        if checkpointing in (False, "elementwise")
+        and getattr(ns, "swiglu", None) is activations.swiglu
     ]
     sdpa, norm = mx.fast.scaled_dot_product_attention, mx.fast.rms_norm
     try:
@@ -298,10 +377,14 @@ def enabled(
             ns.swiglu = swiglu
         if _trains_unfused():
             mx.fast.scaled_dot_product_attention = attention
-        if mx.default_device() == mx.cpu:
+        elementwise = checkpointing == "elementwise"
+        if mx.default_device() == mx.cpu or elementwise:
             mx.fast.rms_norm = rms_norm
-        yield model
+        _recording[0] = elementwise
+        with wrapped_calls({nn.Linear}, _linear_call if elementwise else (lambda call: call)):
+            yield model
     finally:
+        _recent[0], _recording[0] = None, False
         for ns in patched:
             ns.swiglu = activations.swiglu
         mx.fast.scaled_dot_product_attention, mx.fast.rms_norm = sdpa, norm

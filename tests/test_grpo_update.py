@@ -709,10 +709,11 @@ def test_global_norm_squares_a_slab_at_a_time(monkeypatch):
     assert got.item() == pytest.approx(optim.clip_grad_norm(grads, 1.0)[1].item(), rel=2e-4)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True, "mlp"])
+@pytest.mark.parametrize("checkpointing", [False, True, "mlp", "elementwise"])
 def test_checkpointing_keeps_one_part_in_flight(tiny, monkeypatch, checkpointing):
-    """With gradient checkpointing (asked for to save memory) the staged evaluation keeps one
-    part in flight; without, the default two. The setting is restored afterwards."""
+    """With gradient checkpointing of blocks or MLPs (asked for to save memory) the staged
+    evaluation keeps one part in flight; without, or with "elementwise" (no matmul recomputed),
+    the default two. The setting is restored afterwards."""
     from stages.policy import StagedEval
 
     seen = []
@@ -723,5 +724,5 @@ def test_checkpointing_keeps_one_part_in_flight(tiny, monkeypatch, checkpointing
     batch, advantages = _rollout(tiny)
     cfg = TrainConfig(gradient_checkpointing=checkpointing)
     grpo_update.update_step(tiny[0], optim.SGD(learning_rate=0.1), batch, advantages, cfg)
-    assert seen and set(seen) == {1 if checkpointing else 2}
+    assert seen and set(seen) == {1 if checkpointing in (True, "mlp") else 2}
     assert StagedEval.in_flight == 2

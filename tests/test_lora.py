@@ -232,12 +232,16 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_path, mode):
     assert patched.__call__.__qualname__.endswith(f"{patched.__name__}.__call__")
 
 
-def test_gradient_checkpointing_takes_true_false_or_mlp():
-    for good in (True, False, "mlp"):
+def test_gradient_checkpointing_takes_true_false_mlp_or_elementwise():
+    for good in (True, False, "mlp", "elementwise"):
         TrainConfig(gradient_checkpointing=good).validate()
     for bad in ("attention", 1, "true"):
-        with pytest.raises(ValueError, match="gradient_checkpointing=.* true | false | mlp"):
+        with pytest.raises(
+            ValueError, match="gradient_checkpointing=.* true | false | mlp | elementwise"
+        ):
             TrainConfig(gradient_checkpointing=bad).validate()
+    with pytest.raises(ValueError, match="elementwise needs train.lean_activations=true"):
+        TrainConfig(gradient_checkpointing="elementwise", lean_activations=False).validate()
 
 
 def _lora_bf16(tiny_path):
