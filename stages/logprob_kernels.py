@@ -168,8 +168,13 @@ def _kernel(name: str, inputs: list[str], outputs: list[str], source: str):
 
 
 def available(logits: mx.array) -> bool:
-    """Whether the kernels run for these logits: MLX on CUDA, a floating dtype."""
-    return mx.cuda.is_available() and logits.dtype in (mx.bfloat16, mx.float16, mx.float32)
+    """Whether the kernels run for these logits: MLX on CUDA with the GPU as the default device
+    (a CUDA host running on the CPU device takes the operations), a floating dtype."""
+    return (
+        mx.cuda.is_available()
+        and mx.default_device() == mx.gpu
+        and logits.dtype in (mx.bfloat16, mx.float16, mx.float32)
+    )
 
 
 def _ids(local_ids: mx.array) -> mx.array:

@@ -54,6 +54,21 @@ def test_off_cuda_the_mlx_operations_run(monkeypatch):
     assert _close(stats[3], picked, 1e-6)
 
 
+def test_the_cpu_device_takes_the_operations_on_a_cuda_host_too():
+    """The kernels run on the GPU only: with the CPU as the default device (a CUDA host too)
+    the functions are the reference operations and run there."""
+    default = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        logits, ids = _block(6, 40, mx.float32)
+        assert not logprob_kernels.available(logits)
+        got = logprob_kernels.block_stats(logits, mx.array(0.7), ids)
+        want = logprob_kernels.block_stats_reference(logits, mx.array(0.7), ids)
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+    finally:
+        mx.set_default_device(default)
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 @pytest.mark.parametrize("width", [4096, 448, 37])
