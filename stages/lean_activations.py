@@ -27,9 +27,13 @@ block keeps the normed inputs beside the norms' own inputs, and the swiglu's pro
 gate and the up projection (5k of a Qwen3-0.6B block's 22.5k values a token). A trainable
 `nn.Linear` called on the output of `rms_norm` or `swiglu` here (the same array object, the last
 one made) recomputes that output in its backward pass (elementwise; no matmul is recomputed), so
-only the operation's inputs are kept: 2.1 GB less for the full fine-tune at 16 x 512 on an H200,
-for 2-5% of the update's speed (benchmarks/RESULTS.md). Not the default: on the CPU it costs
-more (the norms are composites of operations there).
+only the operation's inputs are kept. And mlx-lm's Qwen3 and Qwen3-MoE attention (per-head query
+and key norms, RoPE, attention, the output projection): the normed and rotated queries and keys
+were kept beside their projections, and the attention's output for the output projection; with
+"elementwise" the part from the projections' outputs to the output projection's is one function
+that keeps its inputs and recomputes the rest in its backward pass (the norms, RoPE and the
+attention's forward; only the output projection's matmul is not). Not the default: it costs
+speed (benchmarks/RESULTS.md).
 
 `enabled(model)` swaps them in for the duration of the block (the update's gradient pass); the
 rollout runs mlx-lm's own. Values and gradients equal MLX's within rounding
@@ -328,6 +332,67 @@ def _linear_of(function, inputs: int, bias: bool):
     return linear
 
 
+def _plain_rms_norm(x, weight, eps):
+    """What mx.fast.rms_norm is within `enabled` (`rms_norm` on the CPU), not recorded."""
+    if mx.default_device() == mx.cpu and weight is not None and x.size >= MIN_ELEMENTS:
+        return _rms_norm_with(float(eps))(x, weight)
+    return _RMS_NORM(x, weight, eps)
+
+
+# mlx-lm's attention classes `_attention_call` restructures: their call is q/k/v projections,
+# per-head rms_norm of queries and keys, RoPE, mlx-lm's scaled_dot_product_attention, o_proj.
+QK_NORM_ATTENTION = ("mlx_lm.models.qwen3", "mlx_lm.models.qwen3_moe")
+
+
+def _attention_core(attn: nn.Module, mask, rows: int, length: int):
+    """mlx-lm's Qwen3 attention from the projections' outputs to o_proj's (a bias-free weight),
+    as one function of (queries, keys, values, q_norm weight, k_norm weight, o_proj weight) that
+    keeps its inputs and recomputes the rest in its backward pass."""
+    heads, kv_heads, scale, rope = attn.n_heads, attn.n_kv_heads, attn.scale, attn.rope
+    q_eps, k_eps = attn.q_norm.eps, attn.k_norm.eps
+
+    def forward(queries, keys, values, q_weight, k_weight, o_weight):
+        q = _plain_rms_norm(queries.reshape(rows, length, heads, -1), q_weight, q_eps)
+        k = _plain_rms_norm(keys.reshape(rows, length, kv_heads, -1), k_weight, k_eps)
+        v = values.reshape(rows, length, kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = rope(q.transpose(0, 2, 1, 3)), rope(k.transpose(0, 2, 1, 3))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(rows, length, -1) @ o_weight.T
+
+    @mx.custom_function
+    def core(*primals):
+        return forward(*primals)
+
+    @core.vjp
+    def core_vjp(primals, cotangent, output):
+        primals = mx.depends(list(primals), [cotangent])  # recomputed in the backward pass
+        return tuple(mx.vjp(forward, primals, [cotangent])[1])
+
+    return core
+
+
+def _attention_call(call):
+    """A QK_NORM_ATTENTION class's __call__ for the update: without a cache and with a
+    trainable bias-free nn.Linear o_proj, `_attention_core` between the projections and o_proj;
+    anything else is `call` (mlx-lm's)."""
+
+    def lean_attention(self, x, mask=None, cache=None):
+        o_proj = self.o_proj
+        if (
+            cache is not None
+            or type(o_proj) is not nn.Linear
+            or "bias" in o_proj
+            or "weight" not in o_proj.trainable_parameters()
+        ):
+            return call(self, x, mask, cache)
+        rows, length, _ = x.shape
+        core = _attention_core(self, mask, rows, length)
+        projections = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return core(*projections, self.q_norm.weight, self.k_norm.weight, o_proj.weight)
+
+    return lean_attention
+
+
 def _linear_call(call):
     """nn.Linear.__call__ for the update: a trainable layer called on the output of `rms_norm`
     or `swiglu` (the same array object, the last one made) is `_linear_of` that operation;
@@ -381,7 +446,15 @@ def enabled(
         if mx.default_device() == mx.cpu or elementwise:
             mx.fast.rms_norm = rms_norm
         _recording[0] = elementwise
-        with wrapped_calls({nn.Linear}, _linear_call if elementwise else (lambda call: call)):
+        attention_classes = {
+            type(layer.self_attn)
+            for layer in getattr(model, "layers", [])
+            if type(getattr(layer, "self_attn", None)).__module__ in QK_NORM_ATTENTION
+        }
+        with (
+            wrapped_calls({nn.Linear}, _linear_call if elementwise else (lambda call: call)),
+            wrapped_calls(attention_classes if elementwise else set(), _attention_call),
+        ):
             yield model
     finally:
         _recent[0], _recording[0] = None, False

@@ -295,6 +295,60 @@ def test_elementwise_recomputation_equals_mlx_values_and_gradients(device, monke
         mx.set_default_device(default)
 
 
+@pytest.mark.parametrize("device", ["cpu", "default"])
+def test_elementwise_attention_equals_mlx_lm_values_and_gradients(device, monkeypatch):
+    """Qwen3's attention between the projections and o_proj as one recomputed function: the
+    same loss and gradients as mlx-lm's; with a KV cache (a rollout) mlx-lm's own call."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    default = mx.default_device()
+    mx.set_default_device(mx.cpu if device == "cpu" else default)
+    try:
+        config = dict(
+            model_type="qwen3", hidden_size=128, num_hidden_layers=3, intermediate_size=384,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+            vocab_size=64, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
+        )  # fmt: skip
+        mx.random.seed(0)
+        model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+        x, weights = _random((4, 40, 128), 1) * 0.5, _random((4, 40, 128), 2)
+        cores = []
+        core = lean_activations._attention_core
+        monkeypatch.setattr(
+            lean_activations, "_attention_core", lambda *a: cores.append(1) or core(*a)
+        )
+
+        def loss(params, x):
+            model.update(params)
+            for layer in model.layers:
+                x = layer(x, "causal", None)
+            return (x * weights).sum()
+
+        results = []
+        for checkpointing in (False, "elementwise"):
+            with lean_activations.enabled(model, checkpointing=checkpointing):
+                value, (d_params, d_x) = mx.value_and_grad(loss, argnums=(0, 1))(
+                    model.trainable_parameters(), x
+                )
+                results.append((value, dict(tree_flatten(d_params)), d_x))
+        assert len(cores) == 3
+        (v0, g0, x0), (v1, g1, x1) = results
+        assert v1.item() == pytest.approx(v0.item(), rel=1e-6)
+        tol = 1e-5 if mx.default_device() == mx.cpu else 1e-2  # CUDA: TF32 float32 matmuls
+        for name in ["x", *g0]:
+            want, got = (x0, x1) if name == "x" else (g0[name], g1[name])
+            want, got = np.array(want), np.array(got)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * abs(want).max())
+        tokens = mx.array([[5, 9, 3, 17, 2]])
+        plain = model(tokens, cache=make_prompt_cache(model))
+        with lean_activations.enabled(model, checkpointing="elementwise"):
+            cached = model(tokens, cache=make_prompt_cache(model))
+        np.testing.assert_array_equal(np.array(cached), np.array(plain))
+        assert len(cores) == 3
+    finally:
+        mx.set_default_device(default)
+
+
 def _update_peak(checkpointing) -> int:
     """Peak memory over the resident arrays of one update step (SGD) of an 8-block Qwen3 on
     4 rows x 96 tokens, float32, the CPU: the forward and backward evaluated block by block as
@@ -330,9 +384,10 @@ def _update_peak(checkpointing) -> int:
 
 def test_elementwise_recomputation_holds_less(on_cpu):
     kept, recomputed = _update_peak(False), _update_peak("elementwise")
-    # 8 blocks x 384 tokens keep 640 of about 2,100 values a token less (the normed inputs of
-    # the projections, the swiglu's product)
-    assert recomputed < 0.9 * kept, (kept, recomputed)
+    # 8 blocks x 384 tokens keep about 1,000 of about 2,100 values a token less (the normed
+    # inputs of the projections, the swiglu's product, the normed and rotated queries and keys,
+    # the attention's output)
+    assert recomputed < 0.8 * kept, (kept, recomputed)  # 0.69 measured
 
 
 def test_enabled_swaps_mlx_lm_functions_for_the_block_only(tiny):
