@@ -30,7 +30,18 @@ def lean_at_any_size(monkeypatch):
     monkeypatch.setattr(lean_activations, "MIN_ELEMENTS", 0)
 
 
-def test_small_inputs_take_mlx_own_operations(monkeypatch):
+@pytest.fixture
+def on_cpu():
+    """The test on the CPU device, where the tiled attention and rms_norm are used (on a CUDA
+    host too; there MLX's fused attention is left alone and picks kernels by shape)."""
+    default = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(default)
+
+
+def test_small_inputs_take_mlx_own_operations(monkeypatch, on_cpu):
+    """On the CPU, where all three are lean (on a GPU rms_norm is MLX's own)."""
     monkeypatch.setattr(lean_activations, "MIN_ELEMENTS", 1000)
     lean = []
     tiles, norm_with = lean_activations._tiles, lean_activations._rms_norm_with
@@ -52,16 +63,6 @@ def test_small_inputs_take_mlx_own_operations(monkeypatch):
     lean_activations.rms_norm(large, weight, 1e-5)
     lean_activations.attention(_random((1, 2, 16, 8), 2), kv, kv, scale=0.3)  # 1056 scores
     assert lean == ["swiglu", "norm", "attention"]
-
-
-@pytest.fixture
-def on_cpu():
-    """The test on the CPU device, where the tiled attention and rms_norm are used (on a CUDA
-    host too; there MLX's fused attention is left alone and picks kernels by shape)."""
-    default = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(default)
 
 
 def _grads(fn, inputs, seed=99):
