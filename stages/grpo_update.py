@@ -146,9 +146,10 @@ class TrainConfig:
         False,
         "true: recompute each block's activations in the backward (least memory, about one "
         "more forward); mlp: recompute only each block's MLP (about 40% less activation "
-        "memory, about 60% of true's extra compute); elementwise: recompute only the norms' "
-        "and the swiglu's outputs the linear layers take (no matmul; about 20% less activation "
-        "memory, needs lean_activations); false: keep them",
+        "memory, about 60% of true's extra compute); elementwise: recompute no matmul, only the "
+        "norms' and the swiglu's outputs the linear layers take and Qwen3's attention between "
+        "its projections (about 40% less activation memory, needs lean_activations); false: "
+        "keep them",
     )
     lean_activations: bool = setting(
         True,
