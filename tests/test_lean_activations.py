@@ -193,16 +193,21 @@ def test_attention_hands_what_it_cannot_tile_to_mlx():
     )
 
 
-def _block_peak(lean: bool) -> int:
-    """Peak memory over the resident arrays of one Qwen3 block's forward and backward pass
-    (8 rows x 64 tokens, float32)."""
+def _small_qwen3(blocks: int) -> nn.Module:
+    """A Qwen3 of `blocks` small blocks (hidden 128, 4 heads / 2 KV heads of 32), seed 0."""
     config = dict(
-        model_type="qwen3", hidden_size=128, num_hidden_layers=1, intermediate_size=384,
+        model_type="qwen3", hidden_size=128, num_hidden_layers=blocks, intermediate_size=384,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
         vocab_size=64, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
     )  # fmt: skip
     mx.random.seed(0)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    return qwen3.Model(qwen3.ModelArgs.from_dict(config))
+
+
+def _block_peak(lean: bool) -> int:
+    """Peak memory over the resident arrays of one Qwen3 block's forward and backward pass
+    (8 rows x 64 tokens, float32)."""
+    model = _small_qwen3(1)
     block = model.layers[0]
     x, weights = _random((8, 64, 128), 1) * 0.1, _random((8, 64, 128), 2)
     mx.eval(block.parameters(), x, weights)
@@ -305,13 +310,7 @@ def test_elementwise_attention_equals_mlx_lm_values_and_gradients(device, monkey
     default = mx.default_device()
     mx.set_default_device(mx.cpu if device == "cpu" else default)
     try:
-        config = dict(
-            model_type="qwen3", hidden_size=128, num_hidden_layers=3, intermediate_size=384,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
-            vocab_size=64, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
-        )  # fmt: skip
-        mx.random.seed(0)
-        model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+        model = _small_qwen3(3)
         x, weights = _random((4, 40, 128), 1) * 0.5, _random((4, 40, 128), 2)
         cores = []
         core = lean_activations._attention_core
@@ -354,13 +353,7 @@ def _update_peak(checkpointing) -> int:
     """Peak memory over the resident arrays of one update step (SGD) of an 8-block Qwen3 on
     4 rows x 96 tokens, float32, the CPU: the forward and backward evaluated block by block as
     the update does (one evaluation of a whole gradient keeps every forward array)."""
-    config = dict(
-        model_type="qwen3", hidden_size=128, num_hidden_layers=8, intermediate_size=384,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
-        vocab_size=64, max_position_embeddings=256, rope_theta=1e6, tie_word_embeddings=True,
-    )  # fmt: skip
-    mx.random.seed(0)
-    model = qwen3.Model(qwen3.ModelArgs.from_dict(config))
+    model = _small_qwen3(8)
     mx.eval(model.parameters())
     rng = np.random.default_rng(0)
     batch = RolloutBatch(
