@@ -277,11 +277,6 @@ def _rms_norm_with(eps: float):
     return norm
 
 
-@cache
-def _mlx_rms_norm(eps: float):
-    return lambda x, weight: _RMS_NORM(x, weight, eps)
-
-
 def rms_norm(x, weight, eps):
     """mx.fast.rms_norm keeping only `x` and `weight` for the backward pass (on the CPU MLX's
     rms_norm is its composite of operations, each intermediate kept; on a GPU, MLX's own),
@@ -289,7 +284,7 @@ def rms_norm(x, weight, eps):
     weight, MLX's own."""
     if weight is None or x.size < MIN_ELEMENTS:
         return _RMS_NORM(x, weight, eps)
-    norm = (_rms_norm_with if mx.default_device() == mx.cpu else _mlx_rms_norm)(float(eps))
+    norm = _rms_norm_of(float(eps))
     return _recorded(norm(x, weight), norm, (x, weight))
 
 
@@ -333,10 +328,17 @@ def _linear_of(function, inputs: int, bias: bool):
 
 
 def _plain_rms_norm(x, weight, eps):
-    """What mx.fast.rms_norm is within `enabled` (`rms_norm` on the CPU), not recorded."""
+    """What mx.fast.rms_norm is within `enabled` (`rms_norm`), not recorded: the CPU's lean
+    one at MIN_ELEMENTS and above, MLX's own otherwise."""
     if mx.default_device() == mx.cpu and weight is not None and x.size >= MIN_ELEMENTS:
         return _rms_norm_with(float(eps))(x, weight)
     return _RMS_NORM(x, weight, eps)
+
+
+@cache
+def _rms_norm_of(eps: float):
+    """`_plain_rms_norm` with this eps, one function per eps (`_linear_of`'s cache key)."""
+    return lambda x, weight: _plain_rms_norm(x, weight, eps)
 
 
 # mlx-lm's attention classes `_attention_call` restructures: their call is q/k/v projections,

@@ -253,6 +253,19 @@ class _NormsAndMlp(nn.Module):
         return self.down(lean_activations.swiglu(gate, up)) + normed
 
 
+def _plain_and_elementwise(module, loss, x):
+    """(loss, parameter gradients by name, input gradient) of `loss(params, x)` without and
+    with gradient_checkpointing "elementwise"."""
+    results = []
+    for checkpointing in (False, "elementwise"):
+        with lean_activations.enabled(module, checkpointing=checkpointing):
+            value, (d_params, d_x) = mx.value_and_grad(loss, argnums=(0, 1))(
+                module.trainable_parameters(), x
+            )
+            results.append((value, dict(tree_flatten(d_params)), d_x))
+    return results
+
+
 @pytest.mark.parametrize("device", ["cpu", "default"])
 def test_elementwise_recomputation_equals_mlx_values_and_gradients(device, monkeypatch):
     default = mx.default_device()
@@ -273,13 +286,7 @@ def test_elementwise_recomputation_equals_mlx_values_and_gradients(device, monke
             module.update(params)
             return (module(x) * weights).sum()
 
-        results = []
-        for checkpointing in (False, "elementwise"):
-            with lean_activations.enabled(module, checkpointing=checkpointing):
-                value, (d_params, d_x) = mx.value_and_grad(loss, argnums=(0, 1))(
-                    module.trainable_parameters(), x
-                )
-                results.append((value, dict(tree_flatten(d_params)), d_x))
+        results = _plain_and_elementwise(module, loss, x)
         # q and k on the norm, down on the swiglu; not the frozen layer, nothing without it
         assert len(made) == 3 and made[0] is made[1] and made[2] is lean_activations._lean_swiglu
         (v0, g0, x0), (v1, g1, x1) = results
@@ -324,13 +331,7 @@ def test_elementwise_attention_equals_mlx_lm_values_and_gradients(device, monkey
                 x = layer(x, "causal", None)
             return (x * weights).sum()
 
-        results = []
-        for checkpointing in (False, "elementwise"):
-            with lean_activations.enabled(model, checkpointing=checkpointing):
-                value, (d_params, d_x) = mx.value_and_grad(loss, argnums=(0, 1))(
-                    model.trainable_parameters(), x
-                )
-                results.append((value, dict(tree_flatten(d_params)), d_x))
+        results = _plain_and_elementwise(model, loss, x)
         assert len(cores) == 3
         (v0, g0, x0), (v1, g1, x1) = results
         assert v1.item() == pytest.approx(v0.item(), rel=1e-6)
