@@ -98,9 +98,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--gradient-checkpointing",
-        choices=("false", "true", "mlp", "elementwise"),
-        default="false",
-        help="train.gradient_checkpointing for the update (memory; same work)",
+        choices=("auto", "false", "true", "mlp", "elementwise"),
+        default="auto",
+        help="train.gradient_checkpointing for the update (memory; same work); auto, the "
+        "default: elementwise on a GPU, false on the CPU",
     )
     parser.add_argument(
         "--load",

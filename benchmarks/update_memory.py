@@ -11,7 +11,9 @@ The model is Qwen3-0.6B-shaped (hidden 1024, 16 heads / 8 KV heads of 128, MLP 3
 timed update (stages.grpo_update.update_step, AdamW, dapo loss) on a synthetic rollout batch:
 `--rows` rows of `--prompt-len` prompt tokens + the rest completion. Peak memory is
 mx.get_peak_memory() over the timed step (weights, optimizer state and activations); tokens/s
-counts prompt + completion tokens. LoRA: rank 8 on every linear layer of every block.
+counts prompt + completion tokens. LoRA: rank 8 on every linear layer of every block. "full"
+and "lora" run the default `train.gradient_checkpointing: auto` (elementwise on a GPU, nothing
+recomputed on the CPU); "full, all kept" recomputes nothing anywhere.
 `--phases` also prints the peak of each phase of the step (the forward and head, the backward,
 the parameters' and the moments' update): where the peak memory goes.
 Needs only mlx, mlx-lm and numpy.
@@ -112,11 +114,12 @@ def run_variant(args, use_lora: bool, checkpointing: bool | str, lean: bool = Tr
 
 
 VARIANTS = {  # name: (LoRA, gradient_checkpointing)
-    "full": (False, False),
+    "full": (False, "auto"),  # the default: elementwise on a GPU, nothing recomputed on the CPU
+    "full, all kept": (False, False),
     "full + mlp ckpt": (False, "mlp"),
     "full + elementwise": (False, "elementwise"),
     "full + ckpt": (False, True),
-    "lora": (True, False),
+    "lora": (True, "auto"),
     "lora + ckpt": (True, True),
 }
 

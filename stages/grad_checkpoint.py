@@ -50,14 +50,27 @@ def wrapped_calls(classes, wrap) -> Iterator[None]:
             cls.__call__ = call
 
 
+# A block's MLP (or mixture of experts), by attribute name (`staged`).
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
+
+
 @contextmanager
-def staged(model: nn.Module, stages) -> Iterator[nn.Module]:
+def staged(model: nn.Module, stages, split: bool = True) -> Iterator[nn.Module]:
     """Within the block, each transformer block's output is registered with `stages` (a
     stages.policy.StagedEval) as the graph is built, so the forward pass is evaluated one block
     at a time. On a GPU MLX allocates an operation's output when it encodes it, ahead of the
     compute; evaluating the whole forward at once would hold every block's temporaries (and,
     with checkpointing, defeat it). Each block's input is tapped (StagedEval.tap) for its
-    gradient."""
+    gradient; with `split`, also its MLP's input (StagedEval.tap_middle), so the backward of a
+    block can be evaluated in two parts (grpo_update.eval_by_block)."""
+    from stages import lean_activations  # it imports this module
+
+    mlps = {
+        id(module): module
+        for layer in model.layers
+        for module in [next((getattr(layer, n) for n in MLP_NAMES if hasattr(layer, n)), None)]
+        if split and isinstance(module, nn.Module)
+    }
 
     def wrap(call):
         def staged_call(self, x, *args, **kwargs):
@@ -67,5 +80,16 @@ def staged(model: nn.Module, stages) -> Iterator[nn.Module]:
 
         return staged_call
 
-    with wrapped_calls({type(layer) for layer in model.layers}, wrap):
+    def wrap_mlp(call):
+        def tapped_call(self, x, *args, **kwargs):
+            if id(self) in mlps:
+                x = lean_activations.recorded_as(x, stages.tap_middle(x))
+            return call(self, x, *args, **kwargs)
+
+        return tapped_call
+
+    with (
+        wrapped_calls({type(layer) for layer in model.layers}, wrap),
+        wrapped_calls({type(module) for module in mlps.values()}, wrap_mlp),
+    ):
         yield model

@@ -157,8 +157,10 @@ class StagedEval:
 
     def __init__(self) -> None:
         self._pending: list = []
-        # Each transformer block's input gradient, by block (tap): see input_grads.
+        # Each transformer block's input gradient, by block (tap): see input_grads; and its
+        # MLP input's (tap_middle).
         self.input_grads: dict[int, mx.array] = {}
+        self.middle_grads: dict[int, mx.array] = {}
         self._taps = 0
 
     def tap(self, x: mx.array) -> mx.array:
@@ -166,9 +168,18 @@ class StagedEval:
         backward pass is built, lands in `input_grads[i]` (i: the block's order). Evaluating it
         with block i's parameter gradients (grpo_update.eval_by_block) frees block i's kept or
         recomputed activations then, not at the next block's evaluation."""
-        index, grads = self._taps, self.input_grads
+        index = self._taps
         self._taps += 1
+        return self._tapped(x, self.input_grads, index)
 
+    def tap_middle(self, x: mx.array) -> mx.array:
+        """x (the input of the last tapped block's MLP) unchanged; its gradient lands in
+        `middle_grads[i]`: evaluated with the MLP's parameter gradients, it ends the MLP's
+        backward (its activations and temporaries are freed) before the attention's starts."""
+        return self._tapped(x, self.middle_grads, self._taps - 1)
+
+    @staticmethod
+    def _tapped(x: mx.array, grads: dict[int, mx.array], index: int) -> mx.array:
         @mx.custom_function
         def identity(value):
             return value

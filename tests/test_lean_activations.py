@@ -350,6 +350,35 @@ def test_elementwise_attention_equals_mlx_lm_values_and_gradients(device, monkey
         mx.set_default_device(default)
 
 
+def test_elementwise_recomputes_the_mlp_input_behind_the_update_tap(monkeypatch):
+    """In the update each block's MLP input is tapped (StagedEval.tap_middle): the gate and up
+    projections still take it as the post-attention norm's output and recompute it."""
+    from stages import grad_checkpoint
+    from stages.policy import StagedEval
+
+    model = _small_qwen3(2)
+    linears = []
+    linear_of = lean_activations._linear_of
+    monkeypatch.setattr(
+        lean_activations, "_linear_of", lambda *a: linears.append(a[0]) or linear_of(*a)
+    )
+    x = _random((2, 16, 128), 1)
+    for split in (False, True):
+        linears.clear()
+        stages = StagedEval()
+        with (
+            lean_activations.enabled(model, checkpointing="elementwise"),
+            grad_checkpoint.staged(model, stages, split),
+        ):
+            h = x
+            for layer in model.layers:
+                h = layer(h, "causal", None)
+        assert len(stages.middle_grads) == 0  # filled by a backward pass
+        # per block: q, k, v on the input norm; gate, up on the post-attention norm; down on
+        # the swiglu
+        assert len(linears) == 12, (split, len(linears))
+
+
 def _update_peak(checkpointing) -> int:
     """Peak memory over the resident arrays of one update step (SGD) of an 8-block Qwen3 on
     4 rows x 96 tokens, float32, the CPU: the forward and backward evaluated block by block as

@@ -232,16 +232,34 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_path, mode):
     assert patched.__call__.__qualname__.endswith(f"{patched.__name__}.__call__")
 
 
-def test_gradient_checkpointing_takes_true_false_mlp_or_elementwise():
-    for good in (True, False, "mlp", "elementwise"):
+def test_gradient_checkpointing_takes_auto_true_false_mlp_or_elementwise():
+    for good in ("auto", True, False, "mlp", "elementwise"):
         TrainConfig(gradient_checkpointing=good).validate()
     for bad in ("attention", 1, "true"):
         with pytest.raises(
-            ValueError, match="gradient_checkpointing=.* true | false | mlp | elementwise"
+            ValueError, match="gradient_checkpointing=.* auto | true | false | mlp | elementwise"
         ):
             TrainConfig(gradient_checkpointing=bad).validate()
     with pytest.raises(ValueError, match="elementwise needs train.lean_activations=true"):
         TrainConfig(gradient_checkpointing="elementwise", lean_activations=False).validate()
+
+
+def test_auto_checkpointing_is_elementwise_on_a_gpu_and_off_on_the_cpu():
+    """The default, "auto": elementwise where the default device is a GPU (with
+    lean_activations), nothing recomputed on the CPU; a set value is kept everywhere."""
+    assert TrainConfig().gradient_checkpointing == "auto"
+    default = mx.default_device()
+    try:
+        mx.set_default_device(mx.cpu)
+        assert TrainConfig().checkpointing() is False
+        if mx.metal.is_available() or mx.cuda.is_available():
+            mx.set_default_device(mx.gpu)
+            assert TrainConfig().checkpointing() == "elementwise"
+            assert TrainConfig(lean_activations=False).checkpointing() is False
+        for value in (True, False, "mlp", "elementwise"):
+            assert TrainConfig(gradient_checkpointing=value).checkpointing() == value
+    finally:
+        mx.set_default_device(default)
 
 
 def _lora_bf16(tiny_path):

@@ -254,3 +254,68 @@ def test_each_block_input_gradient_is_tapped_and_evaluated_with_its_block(tiny):
     # block 0's input is the embedding's output: the same gradient reaches the lookup
     assert mx.array_equal(first, tied.recorded[0][1]).item()
     assert float(mx.abs(first).max()) > 0
+
+
+def test_each_block_backward_is_evaluated_in_two_parts_mlp_first(tiny, monkeypatch):
+    """Each block's MLP input is tapped too (StagedEval.middle_grads): eval_by_block evaluates
+    a block's MLP gradients with that input's gradient, then the rest of the block with its
+    input's gradient, last block first; the gradients are those of one evaluation."""
+    from stages import grad_checkpoint
+
+    model, _ = tiny
+    packed = policy.pack(_batch(tiny))
+    blocks = len(model.layers)
+
+    def gradients(split: bool):
+        stages = policy.StagedEval()
+        tied = policy.TiedInputGradient(model)
+
+        def loss(net):
+            return policy.completion_logprobs(net, packed, 1.3, stages=stages)[0].sum()
+
+        with grad_checkpoint.staged(model, stages, split), tied.recording():
+            _, grads = nn.value_and_grad(model, loss)(model)
+        return tied.fold(grads), stages
+
+    grads, stages = gradients(split=True)
+    assert sorted(stages.middle_grads) == list(range(blocks))
+    middle, inputs = dict(stages.middle_grads), dict(stages.input_grads)
+    assert middle[0].shape == inputs[0].shape  # (rows, positions, hidden)
+    named = {id(v): k for k, v in tree_flatten(grads)}
+    named.update({id(v): f"middle {i}" for i, v in middle.items()})
+    named.update({id(v): f"input {i}" for i, v in inputs.items()})
+    groups = []
+    for name in ("eval", "async_eval"):
+        real = getattr(mx, name)
+        monkeypatch.setattr(
+            mx,
+            name,
+            lambda *a, real=real: groups.append(a) or real(*a),  # noqa: B023
+        )
+    stages.run()
+    groups.clear()
+    grpo_update.eval_by_block(
+        grads, reverse=True, alongside=stages.input_grads, middle=stages.middle_grads
+    )
+    monkeypatch.undo()
+    assert stages.middle_grads == {} and stages.input_grads == {}
+    parts = []  # each evaluated group once, in the order first asked for
+    for call in groups:
+        for group in call:
+            part = sorted(named[id(a)] for a in group if id(a) in named)
+            if isinstance(group, list) and part and part not in parts:
+                parts.append(part)
+    expected = []
+    for i in reversed(range(blocks)):
+        mlp = sorted(k for k in named.values() if k.startswith(f"model.layers.{i}.mlp."))
+        rest = sorted(
+            k
+            for k in named.values()
+            if k.startswith(f"model.layers.{i}.") and not k.startswith(f"model.layers.{i}.mlp.")
+        )
+        expected += [sorted([*mlp, f"middle {i}"]), sorted([*rest, f"input {i}"])]
+    assert parts[: 2 * blocks] == expected
+    whole, _ = gradients(split=False)
+    mx.eval(whole)
+    for name, value in tree_flatten(whole):
+        np.testing.assert_array_equal(np.array(dict(tree_flatten(grads))[name]), np.array(value))
