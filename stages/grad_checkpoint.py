@@ -55,16 +55,18 @@ MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
 
 
 @contextmanager
-def staged(model: nn.Module, stages, split: bool = True) -> Iterator[nn.Module]:
+def staged(
+    model: nn.Module, stages, split: bool = False, same=lambda x, tapped: tapped
+) -> Iterator[nn.Module]:
     """Within the block, each transformer block's output is registered with `stages` (a
     stages.policy.StagedEval) as the graph is built, so the forward pass is evaluated one block
     at a time. On a GPU MLX allocates an operation's output when it encodes it, ahead of the
     compute; evaluating the whole forward at once would hold every block's temporaries (and,
     with checkpointing, defeat it). Each block's input is tapped (StagedEval.tap) for its
     gradient; with `split`, also its MLP's input (StagedEval.tap_middle), so the backward of a
-    block can be evaluated in two parts (grpo_update.eval_by_block)."""
-    from stages import lean_activations  # it imports this module
-
+    block can be evaluated in two parts (grpo_update.eval_by_block). `same(x, tapped)` is
+    what the MLP takes instead of x (lean_activations.recorded_as: the tapped input stands in
+    for the norm output it is)."""
     mlps = {
         id(module): module
         for layer in model.layers
@@ -83,7 +85,7 @@ def staged(model: nn.Module, stages, split: bool = True) -> Iterator[nn.Module]:
     def wrap_mlp(call):
         def tapped_call(self, x, *args, **kwargs):
             if id(self) in mlps:
-                x = lean_activations.recorded_as(x, stages.tap_middle(x))
+                x = same(x, stages.tap_middle(x))
             return call(self, x, *args, **kwargs)
 
         return tapped_call

@@ -680,7 +680,10 @@ def _update_step(
                 share = rule.micro_batch_weight(chunk.size, len(rows), len(chunks))
                 chunk_packed = take_rows(packed, chunk)
                 stages = StagedEval()
-                with grad_checkpoint.staged(model, stages, split), tied.recording():
+                with (
+                    grad_checkpoint.staged(model, stages, split, lean_activations.recorded_as),
+                    tied.recording(),
+                ):
                     (loss, (metrics, chunk_logprobs)), chunk_grads = loss_and_grad(
                         model,
                         chunk_packed,

@@ -368,7 +368,7 @@ def test_elementwise_recomputes_the_mlp_input_behind_the_update_tap(monkeypatch)
         stages = StagedEval()
         with (
             lean_activations.enabled(model, checkpointing="elementwise"),
-            grad_checkpoint.staged(model, stages, split),
+            grad_checkpoint.staged(model, stages, split, lean_activations.recorded_as),
         ):
             h = x
             for layer in model.layers:
@@ -377,6 +377,22 @@ def test_elementwise_recomputes_the_mlp_input_behind_the_update_tap(monkeypatch)
         # per block: q, k, v on the input norm; gate, up on the post-attention norm; down on
         # the swiglu
         assert len(linears) == 12, (split, len(linears))
+    # and so in the update, which splits each block's backward there
+    linears.clear()
+    batch = RolloutBatch(
+        prompt_ids=[[3, 4, 5, 6]] * 2,
+        completion_ids=mx.array([[7, 8, 9, 10, 11, 12]] * 2, dtype=mx.int32),
+        completion_mask=mx.ones((2, 6)),
+        logprobs=mx.zeros((2, 6)),
+        finish_reasons=["length"] * 2,
+        prompt_texts=[""] * 2,
+        texts=[""] * 2,
+        group_size=2,
+    )
+    cfg = TrainConfig(gradient_checkpointing="elementwise")
+    grpo_update.update_step(model, optim.SGD(learning_rate=1e-3), batch, mx.array([1.0, -1.0]), cfg)
+    swiglu_fed = sum(f is lean_activations._lean_swiglu for f in linears)
+    assert swiglu_fed >= 2 and len(linears) == 6 * swiglu_fed
 
 
 def _update_peak(checkpointing) -> int:
