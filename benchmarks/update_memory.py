@@ -13,7 +13,7 @@ timed update (stages.grpo_update.update_step, AdamW, dapo loss) on a synthetic r
 mx.get_peak_memory() over the timed step (weights, optimizer state and activations); tokens/s
 counts prompt + completion tokens. LoRA: rank 8 on every linear layer of every block. "full"
 and "lora" run the default `train.gradient_checkpointing: auto` (elementwise on a GPU, nothing
-recomputed on the CPU); "full, all kept" recomputes nothing anywhere.
+recomputed on the CPU); "full (all kept)" recomputes nothing anywhere.
 `--phases` also prints the peak of each phase of the step (the forward and head, the backward,
 the parameters' and the moments' update): where the peak memory goes.
 Needs only mlx, mlx-lm and numpy.
@@ -115,7 +115,7 @@ def run_variant(args, use_lora: bool, checkpointing: bool | str, lean: bool = Tr
 
 VARIANTS = {  # name: (LoRA, gradient_checkpointing)
     "full": (False, "auto"),  # the default: elementwise on a GPU, nothing recomputed on the CPU
-    "full, all kept": (False, False),
+    "full (all kept)": (False, False),
     "full + mlp ckpt": (False, "mlp"),
     "full + elementwise": (False, "elementwise"),
     "full + ckpt": (False, True),

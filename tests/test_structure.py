@@ -108,3 +108,16 @@ def test_stage_cores_need_only_mlx_mlx_lm_and_numpy():
             continue
         extra = _imports(name, path)[2] - allowed - stdlib
         assert not extra, f"{name} imports {sorted(extra)}"
+
+
+def test_every_update_memory_variant_can_be_named_in_its_variants_list():
+    """benchmarks/update_memory.py takes --variants as a comma-separated list of VARIANTS' names:
+    a name with a comma in it could never be asked for."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import update_memory
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    names = list(update_memory.VARIANTS)
+    assert ",".join(names).split(",") == names
+    assert update_memory.VARIANTS["full"] == (False, "auto")  # the default config's update
