@@ -160,7 +160,7 @@ def main() -> None:
         choices=(1, 2),
         default=2,
         help="parts of the update evaluated at once (StagedEval.in_flight): 1 is leaner, 2 "
-        "faster; updates with checkpointing always use 1",
+        "faster on a GPU; updates with checkpointing, and every update on the CPU, use 1",
     )
     parser.add_argument(
         "--plain-adamw",
@@ -198,7 +198,7 @@ def main() -> None:
     print(
         f"device {mx.default_device()}, dtype {resolve_dtype(args.dtype)}, Qwen3-0.6B shape with "
         f"{args.layers} blocks, {args.rows} x {args.seq_len} tokens ({args.prompt_len} prompt), "
-        f"{args.in_flight} part(s) in flight (1 with checkpointing), "
+        f"{args.in_flight} part(s) in flight (1 with checkpointing and on the CPU), "
         f"{'plain' if args.plain_adamw else 'fused (compiled)'} AdamW"
     )
     header = (

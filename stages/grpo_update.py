@@ -585,10 +585,11 @@ def update_step(
     world = world or distributed.World()
     try:
         # Checkpointing is asked for to save memory: one part in flight (a lower peak that
-        # does not move with the host's timing, for some speed).
+        # does not move with the host's timing, for some speed). On the CPU two parts buy no
+        # speed (the host and the compute share the cores) and hold more: one there too.
         checkpointing = cfg.checkpointing()
         recompute = checkpointing in (True, "mlp")
-        parts = 1 if recompute else StagedEval.in_flight
+        parts = 1 if recompute or mx.default_device() == mx.cpu else StagedEval.in_flight
         with (
             grad_checkpoint.enabled(model, checkpointing if recompute else False),
             lean_activations.enabled(model, cfg.lean_activations, checkpointing=checkpointing),

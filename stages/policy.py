@@ -140,8 +140,9 @@ class StagedEval:
     """
 
     # At most this many parts in flight: 2 lets a GPU compute one part while the host builds the
-    # next; 1 (plan_micro_batch's probes, and updates with gradient checkpointing) makes peak
-    # memory lower and the same from run to run (with 2 it moves with the host's timing).
+    # next; 1 (plan_micro_batch's probes, updates with gradient checkpointing, every update on
+    # the CPU) makes peak memory lower and the same from run to run (with 2 it moves with the
+    # host's timing).
     in_flight = 2
 
     @staticmethod

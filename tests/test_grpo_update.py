@@ -713,7 +713,7 @@ def test_global_norm_squares_a_slab_at_a_time(monkeypatch):
 def test_checkpointing_keeps_one_part_in_flight(tiny, monkeypatch, checkpointing):
     """With gradient checkpointing of blocks or MLPs (asked for to save memory) the staged
     evaluation keeps one part in flight; without, or with "elementwise" (no matmul recomputed),
-    the default two. The setting is restored afterwards."""
+    the default two on a GPU; on the CPU always one. The setting is restored afterwards."""
     from stages.policy import StagedEval
 
     seen = []
@@ -724,5 +724,6 @@ def test_checkpointing_keeps_one_part_in_flight(tiny, monkeypatch, checkpointing
     batch, advantages = _rollout(tiny)
     cfg = TrainConfig(gradient_checkpointing=checkpointing)
     grpo_update.update_step(tiny[0], optim.SGD(learning_rate=0.1), batch, advantages, cfg)
-    assert seen and set(seen) == {1 if checkpointing in (True, "mlp") else 2}
+    on_cpu = mx.default_device() == mx.cpu  # one part there whatever the checkpointing
+    assert seen and set(seen) == {1 if checkpointing in (True, "mlp") or on_cpu else 2}
     assert StagedEval.in_flight == 2

@@ -226,7 +226,9 @@ def test_the_tied_embedding_gradient_needs_no_extra_matrix():
         mx.eval(head)
         peaks[fold] = mx.get_peak_memory() - before
         del grads, head, blocks
-    assert peaks[True] < matrix // 2 < matrix <= peaks[False]
+    # Unfolded, about one more matrix (4,170,260 bytes, 99.4% of it, measured once in the suite
+    # on the CPU: part of it can be evaluated with the blocks); folded, under half of one.
+    assert peaks[True] < matrix // 2 < 0.9 * matrix <= peaks[False]
 
 
 def test_each_block_input_gradient_is_tapped_and_evaluated_with_its_block(tiny):
