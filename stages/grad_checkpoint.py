@@ -67,12 +67,11 @@ def staged(
     block can be evaluated in two parts (grpo_update.eval_by_block). `same(x, tapped)` is
     what the MLP takes instead of x (lean_activations.recorded_as: the tapped input stands in
     for the norm output it is)."""
-    mlps = {
-        id(module): module
-        for layer in model.layers
-        for module in [next((getattr(layer, n) for n in MLP_NAMES if hasattr(layer, n)), None)]
-        if split and isinstance(module, nn.Module)
-    }
+    mlps = {}  # id -> each block's MLP module, with `split`
+    for layer in model.layers if split else []:
+        module = next((getattr(layer, n) for n in MLP_NAMES if hasattr(layer, n)), None)
+        if isinstance(module, nn.Module):
+            mlps[id(module)] = module
 
     def wrap(call):
         def staged_call(self, x, *args, **kwargs):
