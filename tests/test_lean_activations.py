@@ -350,6 +350,21 @@ def test_elementwise_attention_equals_mlx_lm_values_and_gradients(device, monkey
         mx.set_default_device(default)
 
 
+def _random_rollouts(rows: int, prompt: int, completion: int) -> RolloutBatch:
+    """`rows` rollouts (groups of 2) of random tokens of the small Qwen3's vocabulary, seed 0."""
+    rng = np.random.default_rng(0)
+    return RolloutBatch(
+        prompt_ids=[list(rng.integers(3, 64, size=prompt)) for _ in range(rows)],
+        completion_ids=mx.array(rng.integers(3, 64, size=(rows, completion)), dtype=mx.int32),
+        completion_mask=mx.ones((rows, completion)),
+        logprobs=mx.zeros((rows, completion)),
+        finish_reasons=["length"] * rows,
+        prompt_texts=[""] * rows,
+        texts=[""] * rows,
+        group_size=2,
+    )
+
+
 def test_elementwise_recomputes_the_mlp_input_behind_the_update_tap(monkeypatch):
     """In the update each block's MLP input is tapped (StagedEval.tap_middle): the gate and up
     projections still take it as the post-attention norm's output and recompute it."""
@@ -379,16 +394,7 @@ def test_elementwise_recomputes_the_mlp_input_behind_the_update_tap(monkeypatch)
         assert len(linears) == 12, (split, len(linears))
     # and so in the update, which splits each block's backward there
     linears.clear()
-    batch = RolloutBatch(
-        prompt_ids=[[3, 4, 5, 6]] * 2,
-        completion_ids=mx.array([[7, 8, 9, 10, 11, 12]] * 2, dtype=mx.int32),
-        completion_mask=mx.ones((2, 6)),
-        logprobs=mx.zeros((2, 6)),
-        finish_reasons=["length"] * 2,
-        prompt_texts=[""] * 2,
-        texts=[""] * 2,
-        group_size=2,
-    )
+    batch = _random_rollouts(2, 4, 6)
     cfg = TrainConfig(gradient_checkpointing="elementwise")
     grpo_update.update_step(model, optim.SGD(learning_rate=1e-3), batch, mx.array([1.0, -1.0]), cfg)
     swiglu_fed = sum(f is lean_activations._lean_swiglu for f in linears)
@@ -401,17 +407,7 @@ def _update_peak(checkpointing) -> int:
     the update does (one evaluation of a whole gradient keeps every forward array)."""
     model = _small_qwen3(8)
     mx.eval(model.parameters())
-    rng = np.random.default_rng(0)
-    batch = RolloutBatch(
-        prompt_ids=[list(rng.integers(3, 64, size=16)) for _ in range(4)],
-        completion_ids=mx.array(rng.integers(3, 64, size=(4, 80)), dtype=mx.int32),
-        completion_mask=mx.ones((4, 80)),
-        logprobs=mx.zeros((4, 80)),
-        finish_reasons=["length"] * 4,
-        prompt_texts=[""] * 4,
-        texts=[""] * 4,
-        group_size=2,
-    )
+    batch = _random_rollouts(4, 16, 80)
     advantages = mx.array([1.0, -1.0, 0.5, -0.5])
     cfg = TrainConfig(gradient_checkpointing=checkpointing)
     optimizer = optim.SGD(learning_rate=1e-3)
