@@ -50,8 +50,10 @@ def wrapped_calls(classes, wrap) -> Iterator[None]:
             cls.__call__ = call
 
 
-# A block's MLP (or mixture of experts), by attribute name (`staged`).
+# A block's MLP (or mixture of experts), by attribute name (`staged`), and an MLP's down
+# projection.
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe")
+DOWN_NAME = "down_proj"
 
 
 @contextmanager
@@ -63,15 +65,19 @@ def staged(
     at a time. On a GPU MLX allocates an operation's output when it encodes it, ahead of the
     compute; evaluating the whole forward at once would hold every block's temporaries (and,
     with checkpointing, defeat it). Each block's input is tapped (StagedEval.tap) for its
-    gradient; with `split`, also its MLP's input (StagedEval.tap_middle), so the backward of a
-    block can be evaluated in two parts (grpo_update.eval_by_block). `same(x, tapped)` is
-    what the MLP takes instead of x (lean_activations.recorded_as: the tapped input stands in
-    for the norm output it is)."""
-    mlps = {}  # id -> each block's MLP module, with `split`
+    gradient; with `split`, also its MLP's input (StagedEval.tap_middle) and its MLP's down
+    projection's input (StagedEval.tap_down, where the MLP has a `down_proj`), so the backward
+    of a block can be evaluated in parts (grpo_update.eval_by_block). `same(x, tapped)` is
+    what the MLP and the down projection take instead of x (lean_activations.recorded_as: the
+    tapped input stands in for the norm or swiglu output it is)."""
+    mlps, downs = {}, {}  # id -> each block's MLP module and its down projection, with `split`
     for layer in model.layers if split else []:
         module = next((getattr(layer, n) for n in MLP_NAMES if hasattr(layer, n)), None)
         if isinstance(module, nn.Module):
             mlps[id(module)] = module
+            down = getattr(module, DOWN_NAME, None)
+            if isinstance(down, nn.Module):
+                downs[id(down)] = down
 
     def wrap(call):
         def staged_call(self, x, *args, **kwargs):
@@ -89,8 +95,17 @@ def staged(
 
         return tapped_call
 
+    def wrap_down(call):
+        def tapped_call(self, x, *args, **kwargs):
+            if id(self) in downs:
+                x = same(x, stages.tap_down(x))
+            return call(self, x, *args, **kwargs)
+
+        return tapped_call
+
     with (
         wrapped_calls({type(layer) for layer in model.layers}, wrap),
         wrapped_calls({type(module) for module in mlps.values()}, wrap_mlp),
+        wrapped_calls({type(module) for module in downs.values()}, wrap_down),
     ):
         yield model

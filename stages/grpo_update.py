@@ -717,6 +717,7 @@ def _update_step(
                     reverse=True,
                     alongside=stages.input_grads,
                     middle=stages.middle_grads,
+                    down=stages.down_grads,
                     wait=not pipelined,
                 )
                 (mx.async_eval if pipelined else mx.eval)(loss, metrics, forward_logprobs)
@@ -777,12 +778,48 @@ _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 PIPELINED = True
 
 
+def _block_parts(tree, reverse: bool, alongside: dict, middle: dict, down: dict) -> list[list]:
+    """eval_by_block's groups, in order (then the rest of the tree, last). Built here so that
+    no local of the caller keeps a group's arrays after it is evaluated."""
+    # block -> its parts in backward order: the down projection's, the MLP's, the rest
+    blocks: dict[int, tuple[list, list, list]] = {}
+    rest = []
+    for name, value in tree_flatten(tree):
+        found = _BLOCK.search(name)
+        if not found:
+            rest.append(value)
+            continue
+        index = int(found.group(1))
+        part = 2
+        if index in down and _DOWN_PART.match(name, found.end()):
+            part = 0
+        elif index in middle and _MLP_PART.match(name, found.end()):
+            part = 1
+        blocks.setdefault(index, ([], [], []))[part].append(value)
+    for index in [*alongside, *middle, *down]:
+        blocks.setdefault(index, ([], [], []))
+    parts: list[list] = []
+    for index in sorted(blocks, reverse=reverse):
+        in_down, in_mlp, block = blocks.pop(index)  # not held once evaluated
+        if index in alongside:
+            block.append(alongside.pop(index))
+        ordered = []
+        if index in down:
+            ordered.append([*in_down, down.pop(index)])
+        if index in middle:
+            ordered.append([*in_mlp, middle.pop(index)])
+        ordered.append(block)
+        parts.extend(ordered if reverse else ordered[::-1])
+    return [*parts, rest]
+
+
 def eval_by_block(
     tree,
     *,
     reverse: bool = False,
     alongside: dict | None = None,
     middle: dict | None = None,
+    down: dict | None = None,
     wait: bool = True,
 ) -> None:
     """Evaluate a tree of arrays named like a model's parameters (gradients, or parameters with
@@ -794,34 +831,13 @@ def eval_by_block(
     gradient of each block's input, StagedEval.input_grads: block i's activations are then
     released with block i, not with block i - 1). `middle` (block -> array, likewise: the
     gradient of each block's MLP input, StagedEval.middle_grads): such a block is two parts,
-    its MLP's arrays with that gradient first, then the rest, so one evaluation holds half a
-    block's backward. `wait=False`: the last evaluations are left in flight (`mx.async_eval`)
+    its MLP's arrays with that gradient first, then the rest, so one evaluation holds part of
+    a block's backward. `down` (likewise, StagedEval.down_grads: the gradient of the MLP's
+    down projection's input): the down projection's arrays with it come before the rest of
+    the MLP's. `wait=False`: the last evaluations are left in flight (`mx.async_eval`)
     instead of waited for."""
-    blocks: dict[int, list] = {}
-    mlps: dict[int, list] = {}
-    rest = []
-    alongside = alongside if alongside is not None else {}
-    middle = middle if middle is not None else {}
-    for name, value in tree_flatten(tree):
-        found = _BLOCK.search(name)
-        if not found:
-            rest.append(value)
-            continue
-        index = int(found.group(1))
-        in_mlp = index in middle and _MLP_PART.match(name, found.end())
-        (mlps if in_mlp else blocks).setdefault(index, []).append(value)
-    for index in [*alongside, *middle]:
-        blocks.setdefault(index, [])
-    parts: list[list] = []
-    for index in sorted(blocks, reverse=reverse):
-        block = blocks.pop(index)  # not held once evaluated
-        if index in alongside:
-            block.append(alongside.pop(index))
-        if index in middle:
-            mlp = [*mlps.pop(index, []), middle.pop(index)]
-            parts.extend([mlp, block] if reverse else [block, mlp])
-        else:
-            parts.append(block)
+    parts = _block_parts(tree, reverse, alongside or {}, middle or {}, down or {})
+    rest = parts.pop()
     previous = None
     while parts:
         group = parts.pop(0)
@@ -835,8 +851,12 @@ def eval_by_block(
     (mx.eval if wait else mx.async_eval)(rest, previous or [])
 
 
-# A block's MLP (or mixture of experts) parameters, after "layers.<i>." (eval_by_block).
+# A block's MLP (or mixture of experts) parameters, after "layers.<i>." (eval_by_block), and
+# its MLP's down projection's.
 _MLP_PART = re.compile("|".join(rf"{name}\." for name in grad_checkpoint.MLP_NAMES))
+_DOWN_PART = re.compile(
+    "|".join(rf"{name}\.{grad_checkpoint.DOWN_NAME}\." for name in grad_checkpoint.MLP_NAMES)
+)
 
 
 # Squares of at most this many gradient values at a time (64 MiB of float32) in global_norm.

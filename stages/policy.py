@@ -158,10 +158,11 @@ class StagedEval:
 
     def __init__(self) -> None:
         self._pending: list = []
-        # Each transformer block's input gradient, by block (tap): see input_grads; and its
-        # MLP input's (tap_middle).
+        # Each transformer block's input gradient, by block (tap): see input_grads; its MLP
+        # input's (tap_middle) and its MLP's down projection input's (tap_down).
         self.input_grads: dict[int, mx.array] = {}
         self.middle_grads: dict[int, mx.array] = {}
+        self.down_grads: dict[int, mx.array] = {}
         self._taps = 0
 
     def tap(self, x: mx.array) -> mx.array:
@@ -178,6 +179,14 @@ class StagedEval:
         `middle_grads[i]`: evaluated with the MLP's parameter gradients, it ends the MLP's
         backward (its activations and temporaries are freed) before the attention's starts."""
         return self._tapped(x, self.middle_grads, self._taps - 1)
+
+    def tap_down(self, x: mx.array) -> mx.array:
+        """x (the input of the last tapped block's MLP down projection) unchanged; its
+        gradient lands in `down_grads[i]`: evaluated with the down projection's parameter
+        gradients, it ends that projection's backward (the input it kept is freed) before the
+        rest of the MLP's starts (the swiglu's backward, whose temporaries are the MLP's
+        largest)."""
+        return self._tapped(x, self.down_grads, self._taps - 1)
 
     @staticmethod
     def _tapped(x: mx.array, grads: dict[int, mx.array], index: int) -> mx.array:

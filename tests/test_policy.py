@@ -258,10 +258,12 @@ def test_each_block_input_gradient_is_tapped_and_evaluated_with_its_block(tiny):
     assert float(mx.abs(first).max()) > 0
 
 
-def test_each_block_backward_is_evaluated_in_two_parts_mlp_first(tiny, monkeypatch):
-    """Each block's MLP input is tapped too (StagedEval.middle_grads): eval_by_block evaluates
-    a block's MLP gradients with that input's gradient, then the rest of the block with its
-    input's gradient, last block first; the gradients are those of one evaluation."""
+def test_each_block_backward_is_evaluated_in_three_parts_down_projection_first(tiny, monkeypatch):
+    """Each block's MLP input and its down projection's input are tapped too
+    (StagedEval.middle_grads, down_grads): eval_by_block evaluates a block's down projection
+    gradients with its input's gradient, then the rest of the MLP's with the MLP input's
+    gradient, then the rest of the block with its input's gradient, last block first; the
+    gradients are those of one evaluation."""
     from stages import grad_checkpoint
 
     model, _ = tiny
@@ -280,11 +282,14 @@ def test_each_block_backward_is_evaluated_in_two_parts_mlp_first(tiny, monkeypat
         return tied.fold(grads), stages
 
     grads, stages = gradients(split=True)
-    assert sorted(stages.middle_grads) == list(range(blocks))
+    assert sorted(stages.middle_grads) == sorted(stages.down_grads) == list(range(blocks))
     middle, inputs = dict(stages.middle_grads), dict(stages.input_grads)
+    down = dict(stages.down_grads)
     assert middle[0].shape == inputs[0].shape  # (rows, positions, hidden)
+    assert down[0].shape[-1] == model.layers[0].mlp.down_proj.weight.shape[1]  # intermediate
     named = {id(v): k for k, v in tree_flatten(grads)}
     named.update({id(v): f"middle {i}" for i, v in middle.items()})
+    named.update({id(v): f"down {i}" for i, v in down.items()})
     named.update({id(v): f"input {i}" for i, v in inputs.items()})
     groups = []
     for name in ("eval", "async_eval"):
@@ -297,10 +302,14 @@ def test_each_block_backward_is_evaluated_in_two_parts_mlp_first(tiny, monkeypat
     stages.run()
     groups.clear()
     grpo_update.eval_by_block(
-        grads, reverse=True, alongside=stages.input_grads, middle=stages.middle_grads
+        grads,
+        reverse=True,
+        alongside=stages.input_grads,
+        middle=stages.middle_grads,
+        down=stages.down_grads,
     )
     monkeypatch.undo()
-    assert stages.middle_grads == {} and stages.input_grads == {}
+    assert stages.middle_grads == {} and stages.input_grads == {} and stages.down_grads == {}
     parts = []  # each evaluated group once, in the order first asked for
     for call in groups:
         for group in call:
@@ -309,14 +318,17 @@ def test_each_block_backward_is_evaluated_in_two_parts_mlp_first(tiny, monkeypat
                 parts.append(part)
     expected = []
     for i in reversed(range(blocks)):
-        mlp = sorted(k for k in named.values() if k.startswith(f"model.layers.{i}.mlp."))
-        rest = sorted(
-            k
-            for k in named.values()
-            if k.startswith(f"model.layers.{i}.") and not k.startswith(f"model.layers.{i}.mlp.")
-        )
-        expected += [sorted([*mlp, f"middle {i}"]), sorted([*rest, f"input {i}"])]
-    assert parts[: 2 * blocks] == expected
+        block = [k for k in named.values() if k.startswith(f"model.layers.{i}.")]
+        in_down = [k for k in block if k.startswith(f"model.layers.{i}.mlp.down_proj.")]
+        mlp = [k for k in block if k.startswith(f"model.layers.{i}.mlp.") and k not in in_down]
+        rest = [k for k in block if k not in in_down and k not in mlp]
+        assert in_down and mlp and rest
+        expected += [
+            sorted([*in_down, f"down {i}"]),
+            sorted([*mlp, f"middle {i}"]),
+            sorted([*rest, f"input {i}"]),
+        ]
+    assert parts[: 3 * blocks] == expected
     whole, _ = gradients(split=False)
     mx.eval(whole)
     for name, value in tree_flatten(whole):
