@@ -87,25 +87,22 @@ def staged(
 
         return staged_call
 
-    def wrap_mlp(call):
-        def tapped_call(self, x, *args, **kwargs):
-            if id(self) in mlps:
-                x = same(x, stages.tap_middle(x))
-            return call(self, x, *args, **kwargs)
+    def tapping(modules: dict, tap):
+        """A call wrapper: the input of a module in `modules` goes through `tap` first."""
 
-        return tapped_call
+        def wrap_call(call):
+            def tapped_call(self, x, *args, **kwargs):
+                if id(self) in modules:
+                    x = same(x, tap(x))
+                return call(self, x, *args, **kwargs)
 
-    def wrap_down(call):
-        def tapped_call(self, x, *args, **kwargs):
-            if id(self) in downs:
-                x = same(x, stages.tap_down(x))
-            return call(self, x, *args, **kwargs)
+            return tapped_call
 
-        return tapped_call
+        return wrap_call
 
     with (
         wrapped_calls({type(layer) for layer in model.layers}, wrap),
-        wrapped_calls({type(module) for module in mlps.values()}, wrap_mlp),
-        wrapped_calls({type(module) for module in downs.values()}, wrap_down),
+        wrapped_calls({type(m) for m in mlps.values()}, tapping(mlps, stages.tap_middle)),
+        wrapped_calls({type(m) for m in downs.values()}, tapping(downs, stages.tap_down)),
     ):
         yield model
