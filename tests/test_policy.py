@@ -231,6 +231,38 @@ def test_the_tied_embedding_gradient_needs_no_extra_matrix():
     assert peaks[True] < matrix // 2 < 0.9 * matrix <= peaks[False]
 
 
+def test_a_serial_part_is_evaluated_between_two_waits_for_the_stream(monkeypatch):
+    """A serial part (one that updates the previous part's array in place) is evaluated after
+    the previous part and between two waits for the whole stream (mx.synchronize): on a GPU an
+    array MLX has not let go of yet is copied instead of updated in place."""
+    calls = []
+    for name in ("eval", "async_eval", "synchronize"):
+        real = getattr(mx, name)
+        monkeypatch.setattr(
+            mx, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    stages = policy.StagedEval()
+    built = mx.zeros((4, 3))
+    stages.add(mx.ones(3) * 2)
+    stages.add(mx.ones(3) * 3)
+    stages.add(built.at[1].add(mx.ones(3)), serial=True)
+    stages.add(mx.ones(3) * 4)
+    stages.run()
+    monkeypatch.undo()
+    # Two parts in flight, then the previous one waited for, then the serial part alone.
+    assert calls == [
+        "async_eval",
+        "async_eval",
+        "eval",
+        "eval",
+        "synchronize",
+        "eval",
+        "synchronize",
+        "async_eval",
+        "eval",
+    ]
+
+
 def test_each_block_input_gradient_is_tapped_and_evaluated_with_its_block(tiny):
     """In the update's staged forward every block's input is tapped: its gradient (the
     cotangent the block below receives) is kept per block, and eval_by_block evaluates it with
