@@ -1,6 +1,6 @@
 """Data-parallel GRPO runs: joining the process group, and what each rank may touch.
 
-    mlx.launch -n 2 --backend ring python -m pipelines.grpo +experiment=quickstart
+    python -m pipelines.launch -n 2 --backend ring python -m pipelines.grpo +experiment=quickstart
 
 Every rank runs the same training loop on its own share of each step's prompts (stages/
 distributed.py). Rank 0 owns the side effects (the MLflow run, checkpoints, the Prefect flow and

@@ -1,6 +1,6 @@
 """mx.distributed helpers with 2 real processes over the ring and MPI backends (CPU)."""
 
-import shutil
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +29,9 @@ def test_peer_failures_are_told_apart_from_other_errors():
 
 
 def _launch(script: str, *args: str, backend: str = "ring") -> list[dict]:
-    launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
+    launcher = [sys.executable, "-m", "pipelines.launch", "-n", "2", "--backend", backend]
     result = subprocess.run(
-        [launcher, "-n", "2", "--backend", backend, sys.executable, str(HERE / script), *args],
+        [*launcher, sys.executable, str(HERE / script), *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -63,6 +63,28 @@ def test_two_ranks_shard_gather_reduce_and_compare_configs(backend):
     )
     differ = _launch("distributed/worker_helpers.py", "cfg-a", "cfg-b", backend=backend)
     assert all("ranks [1] have a different resolved config" in r["config"] for r in differ)
+
+
+@pytest.mark.slow
+def test_the_launcher_sleeps_while_its_processes_do():
+    """pipelines.launch is mlx.launch without its busy wait: two ranks that sleep 3 s under it
+    cost well under a CPU second, launcher included (mlx.launch 0.32 itself: about 4 s, one
+    core and more, on the 2-core CPU), and their output and failures still come through."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sleeper = "import os, time; time.sleep(3); print('rank', os.environ['MLX_RANK']); exit(3)"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.launch", "-n", "2", "--backend", "ring"]
+        + [sys.executable, "-c", sleeper],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 1.0, cpu
+    assert sorted(result.stdout.split("\n")[:2]) == ["rank 0", "rank 1"], result.stdout
+    assert "Node with rank 1 exited with code 3" in result.stderr
 
 
 def test_an_unavailable_backend_stops_the_cli_with_one_line(capsys, monkeypatch):

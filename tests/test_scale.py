@@ -1,7 +1,6 @@
 """Data-parallel GRPO: 2 processes over the ring backend (`mlx.launch`) vs 1 process, on the CPU."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +30,9 @@ def run(cwd: Path, *overrides: str, processes=1, timeout=400, env=None, backend=
     tracking = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
     env = {**launch_env(backend), **tracking, **(env or {})}
     command = [sys.executable, "-m", "pipelines.grpo", *overrides]
-    if processes > 1:
-        launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent))
-        command = [launcher, "-n", str(processes), "--backend", backend, *command]
+    if processes > 1:  # mlx.launch without its busy wait (pipelines/launch.py)
+        launcher = [sys.executable, "-m", "pipelines.launch"]
+        command = [*launcher, "-n", str(processes), "--backend", backend, *command]
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
