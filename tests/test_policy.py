@@ -364,4 +364,9 @@ def test_each_block_backward_is_evaluated_in_three_parts_down_projection_first(t
     whole, _ = gradients(split=False)
     mx.eval(whole)
     for name, value in tree_flatten(whole):
-        np.testing.assert_array_equal(np.array(dict(tree_flatten(grads))[name]), np.array(value))
+        got, want = np.array(dict(tree_flatten(grads))[name]), np.array(value)
+        if mx.cuda.is_available():  # the taps change which elementwise kernels MLX fuses there,
+            # so float32 sums round apart (1.7e-6 relative at most on an H200); bit-equal on CPU
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        else:
+            np.testing.assert_array_equal(got, want)
