@@ -224,9 +224,10 @@ class StagedEval:
                     previous = None
                 if serial:
                     mx.synchronize()
-                mx.eval(part)
-                if serial:
+                    mx.eval(part)
                     mx.synchronize()
+                else:
+                    mx.eval(part)
                 continue
             mx.async_eval(part)
             if previous is not None:
