@@ -1,4 +1,5 @@
-"""Data-parallel GRPO: 2 processes over the ring backend (`mlx.launch`) vs 1 process, on the CPU."""
+"""Data-parallel GRPO: 2 processes over the ring backend (`python -m pipelines.launch`, MLX's
+launcher) vs 1 process, on the CPU."""
 
 import os
 import subprocess
